@@ -21,6 +21,8 @@ class HostedSettings:
     lease_poll_interval: float
     base_log_folder: Path
     executor: str
+    #: Extra DNS names or addresses agents use to reach the gateway (put in its server certificate).
+    gateway_hostnames: tuple[str, ...] = ()
 
     @classmethod
     def from_airflow_conf(cls) -> "HostedSettings":
@@ -35,4 +37,7 @@ class HostedSettings:
             lease_poll_interval=conf.getfloat(SECTION, "lease_poll_interval", fallback=0.1),
             base_log_folder=Path(conf.get("logging", "base_log_folder")),
             executor=conf.get("core", "executor"),
+            gateway_hostnames=tuple(
+                h.strip() for h in conf.get(SECTION, "gateway_hostnames", fallback="").split(",") if h.strip()
+            ),
         )
