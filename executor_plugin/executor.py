@@ -1,0 +1,297 @@
+"""``EdgeAgentExecutor``: the scheduler's side of edge-agent; jobs live in our tables, agents lease them.
+
+* ``queue_workload`` writes one job row per ``ExecuteTask`` in the scheduler's own session, so the
+  job commits atomically with the task instance's QUEUED state; nothing is held in memory.
+* ``sync`` (every scheduler heartbeat) requeues lapsed leases, turns job state changes into
+  scheduler events (running / success / fail), and purges old reported jobs.
+* ``revoke_task`` cancels a job; ``try_adopt_task_instances`` re-adopts jobs after a restart.
+
+Agents and the gateway keep working while the scheduler is down: ``end``/``terminate`` stop
+nothing. This module makes no HTTP calls and holds no SQL: every query is in
+:mod:`executor_plugin.store`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from airflow.executors import workloads
+from airflow.executors.base_executor import BaseExecutor
+from airflow.models.taskinstancekey import TaskInstanceKey
+from airflow.utils.session import create_session
+
+from executor_plugin import store
+from executor_plugin.models import JobStatus
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.taskinstancehistory import TaskInstanceHistory
+
+#: Reported terminal jobs stay this long (for ``airflow edge-agents list`` and debugging) before purge.
+PURGE_AFTER = timedelta(hours=1)
+#: Purging is a DELETE that mostly matches nothing; on SQLite every write statement takes the
+#: database write lock, so it runs once a minute rather than on every heartbeat.
+PURGE_EVERY_SECONDS = 60.0
+
+KeyTuple = tuple[str, str, str, int, int]
+
+
+def job_key(job: store.Job) -> TaskInstanceKey:
+    """The scheduler's key of a job (``TaskInstanceKey`` orders try_number before map_index)."""
+    return TaskInstanceKey(
+        dag_id=job.dag_id,
+        task_id=job.task_id,
+        run_id=job.run_id,
+        try_number=job.try_number,
+        map_index=job.map_index,
+    )
+
+
+def key_tuple(key: TaskInstanceKey) -> KeyTuple:
+    """The store's key of a try: (dag_id, task_id, run_id, map_index, try_number)."""
+    return (key.dag_id, key.task_id, key.run_id, key.map_index, key.try_number)
+
+
+class EdgeAgentExecutor(BaseExecutor):
+    """Runs tasks on edge agents: select it per task with ``executor="EdgeAgentExecutor"``."""
+
+    supports_callbacks = False
+    supports_connection_test = False
+    # Tasks run on remote agents, never on this host, and agents ship their logs to the hosted side:
+    # there is no local log server to start.
+    is_local = False
+    serve_logs = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._next_purge = 0.0  # monotonic time of the next purge; 0 = at the first sync
+        self._failed_syncs = 0  # consecutive; the traceback is logged once per outage, not per heartbeat
+
+    # ----------------------------------------------------------------------------------------------
+    # Life cycle
+    # ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Make sure our tables exist at head before the scheduler queues anything to us."""
+        from airflow.utils.db import DBLocks, create_global_lock
+
+        from executor_plugin.db_manager import EdgeAgentDBManager
+
+        _warn_if_db_manager_unregistered()
+        with create_session(scoped=False) as session:
+            manager = EdgeAgentDBManager(session)
+            if manager.check_migration():
+                return
+            # Without the tables, queue_workload would fail inside the scheduler's critical section
+            # on every loop. `airflow db migrate` should have created them; do it now, under the
+            # same lock `airflow db migrate` takes, so two schedulers cannot race on the DDL.
+            self.log.warning(
+                "edge-agent tables are missing or not at the latest revision; migrating them now "
+                "(run 'airflow db migrate' after installing or upgrading edge-agent)"
+            )
+            with create_global_lock(session=session, lock=DBLocks.MIGRATIONS):
+                manager.initdb()
+
+    def end(self) -> None:
+        """Nothing to stop: jobs live in the database and agents keep running them."""
+        self.log.info("EdgeAgentExecutor stopping; queued and running jobs stay with the agents")
+
+    def terminate(self) -> None:
+        """Nothing to stop: jobs live in the database and agents keep running them."""
+
+    # ----------------------------------------------------------------------------------------------
+    # Queueing
+    # ----------------------------------------------------------------------------------------------
+
+    def queue_workload(self, workload: workloads.ExecutorWorkload, session: Session) -> None:
+        """Write a QUEUED job in the scheduler's transaction; the scheduler commits it with the TI."""
+        if not isinstance(workload, workloads.ExecuteTask):
+            raise NotImplementedError(
+                f"{type(self).__name__} runs tasks only; it cannot run {type(workload).__name__} "
+                "workloads (route callbacks and connection tests to another executor)"
+            )
+        ti = workload.ti
+        store.enqueue_job(
+            session,
+            workload_json=workload.model_dump_json(),
+            ti_id=str(ti.id),
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            map_index=ti.map_index,
+            try_number=ti.try_number,
+            queue=ti.queue,
+            priority_weight=ti.priority_weight,
+        )
+        # Counted before the caller commits so [core] parallelism holds; if the scheduler's
+        # transaction rolls back, sync() drops the key again (no job row backs it).
+        self.running.add(ti.key)
+
+    def _process_workloads(self, workload_items: Sequence[workloads.ExecutorWorkload]) -> None:
+        """Nothing to do: ``queue_workload`` already stored every workload as a job."""
+
+    # ----------------------------------------------------------------------------------------------
+    # Sync
+    # ----------------------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Turn job state changes into scheduler events. A database error waits for the next heartbeat."""
+        try:
+            with create_session(scoped=False) as session:
+                self._sync(session)
+        except SQLAlchemyError as exc:
+            # The scheduler must survive a locked or briefly unreachable database; the unreported
+            # states are still unreported and are picked up on the next heartbeat.
+            self._failed_syncs += 1
+            if self._failed_syncs == 1:
+                self.log.exception("EdgeAgentExecutor sync failed; retrying on every heartbeat")
+            else:
+                reason = str(getattr(exc, "orig", None) or type(exc).__name__).splitlines()[0]
+                self.log.warning("EdgeAgentExecutor sync failed %d times in a row: %s", self._failed_syncs, reason)
+            return
+        if self._failed_syncs:
+            self.log.info("EdgeAgentExecutor sync works again after %d failure(s)", self._failed_syncs)
+            self._failed_syncs = 0
+
+    def _sync(self, session: Session) -> None:
+        requeued = store.requeue_expired_leases(session)
+        if requeued:
+            self.log.warning("Requeued %d job(s) whose agent did not start them before the lease lapsed", requeued)
+        pending = store.pending_events(session)
+        self._forget_keys_without_jobs(session, finished={job_key(job) for job in pending})
+        for job in pending:
+            self._emit(job)
+            store.mark_reported(session, job.id, job.state)
+        now = time.monotonic()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_EVERY_SECONDS
+            purged = store.purge_reported(session, older_than=store.utcnow() - PURGE_AFTER)
+            if purged:
+                self.log.debug("Purged %d finished job(s)", purged)
+
+    def _emit(self, job: store.Job) -> None:
+        # Events are emitted before mark_reported commits: if the commit fails, the next sync emits
+        # them again, and the scheduler ignores a repeated event for a TI it has already moved on.
+        key = job_key(job)
+        if job.state == JobStatus.RUNNING:
+            self.running_state(key, info=job.agent_id)
+        elif job.state == JobStatus.SUCCESS:
+            self.success(key)
+        elif job.state == JobStatus.FAILED:
+            self.fail(key, info=job.reason)
+
+    def _forget_keys_without_jobs(self, session: Session, *, finished: set[TaskInstanceKey]) -> None:
+        """Drop running keys with no open job (scheduler rollback, cancelled or purged elsewhere).
+
+        Otherwise such a key would hold a parallelism slot until the scheduler restarts. Keys of
+        jobs that just finished (``finished``) stay: the event emitted next removes them.
+        """
+        keys = [k for k in self.running if isinstance(k, TaskInstanceKey) and k not in finished]
+        if not keys:
+            return
+        open_keys = {job_key(job) for job in store.jobs_for_keys(session, map(key_tuple, keys))}
+        for key in keys:
+            if key not in open_keys:
+                self.log.debug("Forgetting %s: it has no open edge-agent job", key)
+                self.running.discard(key)
+
+    # ----------------------------------------------------------------------------------------------
+    # Revocation and adoption
+    # ----------------------------------------------------------------------------------------------
+
+    def revoke_task(self, *, ti: TaskInstance) -> None:
+        """Cancel the try's job; an agent running it loses the lease at its next heartbeat.
+
+        Called by the scheduler's stuck-in-queued handler; must not raise and must not emit events.
+        """
+        key = ti.key
+        self.running.discard(key)
+        self.queued_tasks.pop(key, None)
+        try:
+            # Not the scoped session: the scheduler holds it (with `ti` attached) around this call,
+            # and create_session() would commit and close it under the scheduler's feet.
+            with create_session(scoped=False) as session:
+                cancelled = store.cancel_job(
+                    session,
+                    dag_id=key.dag_id,
+                    task_id=key.task_id,
+                    run_id=key.run_id,
+                    map_index=key.map_index,
+                    try_number=key.try_number,
+                )
+        except SQLAlchemyError:
+            self.log.exception("Could not cancel the edge-agent job of %s", key)
+            return
+        if cancelled:
+            self.log.info("Cancelled the edge-agent job of %s", key)
+
+    def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
+        """Adopt the TIs whose job is still open; return the others for the scheduler to reset."""
+        if not tis:
+            return []
+        keys = {ti.key: ti for ti in tis}
+        # Unscoped for the same reason as revoke_task: the caller's scoped session holds `tis`.
+        with create_session(scoped=False) as session:
+            open_keys = {job_key(job) for job in store.jobs_for_keys(session, map(key_tuple, keys))}
+        rejected = []
+        for key, ti in keys.items():
+            if key in open_keys:
+                self.running.add(key)
+            else:
+                rejected.append(ti)
+        if open_keys:
+            self.log.info("Adopted %d task instance(s) whose edge-agent job is still open", len(open_keys))
+        return rejected
+
+    # ----------------------------------------------------------------------------------------------
+    # Logs (called by the api-server's log reader while a TI is RUNNING)
+    # ----------------------------------------------------------------------------------------------
+
+    def get_task_log(self, ti: TaskInstance | TaskInstanceHistory, try_number: int) -> tuple[list[str], list[str]]:
+        """Name the log's source so Airflow's reader does not try ``http://<agent-host>:8793``.
+
+        A non-empty source list is what stops the reader from contacting a worker log server,
+        which agents never run; the log itself is read from the hosted log folder the gateway
+        appends shipped chunks to.
+        """
+        key: KeyTuple = (ti.dag_id, ti.task_id, ti.run_id, ti.map_index, try_number)
+        try:
+            with create_session(scoped=False) as session:
+                jobs = store.jobs_for_keys(session, [key])
+        except SQLAlchemyError:
+            jobs = []
+        agent_id = next((job.agent_id for job in jobs if job.agent_id), None)
+        if agent_id:
+            return [f"Task ran on edge agent {agent_id}; log shipped to the hosted log folder"], []
+        return ["Task runs on an edge agent; its log is shipped to the hosted log folder"], []
+
+
+def _warn_if_db_manager_unregistered() -> None:
+    """Warn when ``airflow db migrate`` will not manage our tables (provider metadata missing)."""
+    from airflow.configuration import conf
+    from airflow.providers_manager import ProvidersManager
+
+    from executor_plugin.db_manager import manager_path
+
+    registered: set[str] = set(ProvidersManager().db_managers)
+    configured: Iterable[str] = conf.get("database", "external_db_managers", fallback="").split(",")
+    registered |= {name.strip() for name in configured if name.strip()}
+    if manager_path() not in registered:
+        warnings.warn(
+            f"{manager_path()} is not registered, so 'airflow db migrate' will not manage the edge-agent "
+            "tables. Install the edge-agent distribution (it registers the manager through its provider "
+            f"info) or add it to [database] external_db_managers.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+__all__ = ["EdgeAgentExecutor", "job_key", "key_tuple"]
