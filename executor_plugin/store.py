@@ -245,6 +245,7 @@ def cancel_job(
 
 
 def jobs_for_keys(session: Session, keys: Iterable[tuple[str, str, str, int, int]]) -> list[Job]:
+    """Jobs of these tries that the executor still has to follow (for adoption after a restart)."""
     keys = list(keys)
     if not keys:
         return []
@@ -261,7 +262,13 @@ def jobs_for_keys(session: Session, keys: Iterable[tuple[str, str, str, int, int
         rows = session.execute(
             select(job_table).where(
                 tuple_(*cols).in_(keys[start : start + 100]),
-                job_table.c.state.notin_(JobStatus.TERMINAL),
+                # Open jobs, and finished ones whose outcome the executor has not reported yet
+                # (the scheduler died in between): adopting those avoids running the try again.
+                or_(
+                    job_table.c.state.notin_(JobStatus.TERMINAL),
+                    job_table.c.reported_state.is_(None),
+                    job_table.c.reported_state != job_table.c.state,
+                ),
             )
         )
         found.extend(Job._from_row(r) for r in rows)

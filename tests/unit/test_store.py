@@ -166,3 +166,15 @@ def test_token_single_use_and_same_key_retry(session_factory):
     )
     with pytest.raises(store.TokenRejected, match="expired"):
         store.redeem_token(s, token_id="t2", secret="x", pubkey_fp="k")
+
+
+def test_adoption_sees_finished_but_unreported_jobs(session_factory):
+    s = session_factory()
+    job_id = _job(s)
+    agent = _agent(s)
+    lease = store.lease_next(s, agent, lease_ttl=timedelta(seconds=60))
+    store.report_job(s, agent.id, job_id, lease.fencing, JobStatus.SUCCESS, exit_code=0)
+    key = ("d", "t", "r", -1, 1)
+    assert [j.id for j in store.jobs_for_keys(s, [key])] == [job_id]
+    store.mark_reported(s, job_id, JobStatus.SUCCESS)
+    assert store.jobs_for_keys(s, [key]) == []
