@@ -1,0 +1,531 @@
+"""``Agent``: the control process's lifecycle. Starts the forwarder, the runtime and the loops; stops them.
+
+Threads (each loop in its own module, one cadence each)::
+
+    main         run(): waits for a stop request, then drains or cancels, then tears down
+    lease        lease_loop.LeaseLoop   asks for work while there are free slots and we are not stopping
+    logship      logship.LogShipper     per job: RUNNING report, log chunks, final flush, final state
+    heartbeat    heartbeat.HeartbeatLoop renews every held lease in one call; runs through the drain
+    (runtime)    the runtime's reader thread calls _on_started/_on_exited
+
+Stops, idempotent and escalating (``signals.py`` maps SIGTERM/SIGINT #1, #2, #3 onto them):
+``stop_gracefully`` = stop leasing, let running jobs finish and report them, exit 0;
+``stop_now`` = cancel running jobs through the runtime, report what can be reported within
+``cancel_grace``, exit; ``abort`` = leave at once. A drain asked by the server in a heartbeat reply
+only pauses leasing (``heartbeat.py``).
+
+All shared state sits behind one ``Condition`` over an *RLock*: a signal handler runs on the main
+thread, possibly while that thread holds the lock, and must be able to re-enter it to set state.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+from edge_agent.config import AgentConfig
+from edge_agent.errors import CertificateExpired, ConfigError, EdgeAgentError, IdentityRejected
+from edge_agent.identity.keystore import StoredIdentity
+from edge_agent.observability.status import StatusBoard
+from edge_agent.protocol import Lease, RunningJob
+
+log = logging.getLogger(__name__)
+
+SendFn = Callable[[str, str, dict, bytes], "tuple[int, dict, bytes]"]
+
+
+class RuntimeLike(Protocol):
+    def start(self) -> None: ...
+    def submit(self, job_id: str, workload: dict, socket_path: str) -> None: ...
+    def cancel(self, job_id: str, reason: str) -> object: ...
+    def stop(self) -> None: ...
+
+
+class ForwarderLike(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Phase(str, enum.Enum):
+    RUNNING = "running"
+    DRAINING = "draining"
+    CANCELLING = "cancelling"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class JobRecord:
+    """One leased job, from lease to final report. Mutated only under the agent's condition."""
+
+    lease: Lease
+    leased_at: str = field(default_factory=_utcnow)
+    pid: int | None = None
+    log_file: Path | None = None
+    started_at: str | None = None
+    running_reported: bool = False
+    exited: bool = False
+    exit_code: int | None = None
+    reason: str | None = None
+    #: Bytes of the log file already accepted by the gateway.
+    log_offset: int = 0
+    #: The gateway no longer holds this job for us: report nothing more, cancel it if it runs.
+    lost: bool = False
+    #: The runtime's reason for the outcome was appended to the hosted copy of the task log.
+    reason_logged: bool = False
+
+    @property
+    def job_id(self) -> str:
+        return self.lease.job_id
+
+    @property
+    def started(self) -> bool:
+        return self.started_at is not None
+
+    def summary(self) -> dict[str, Any]:
+        lease = self.lease
+        phase = "lost" if self.lost else "exited" if self.exited else "running" if self.started else "starting"
+        return {
+            "job_id": lease.job_id, "dag_id": lease.dag_id, "task_id": lease.task_id, "run_id": lease.run_id,
+            "map_index": lease.map_index, "try_number": lease.try_number, "queue": lease.queue, "phase": phase,
+            "pid": self.pid, "leased_at": self.leased_at, "started_at": self.started_at,
+            "exit_code": self.exit_code,
+        }
+
+
+class JobTable:
+    """The jobs this agent holds (a slot is busy from lease until the final report is delivered)."""
+
+    def __init__(self, cond: threading.Condition, capacity: int) -> None:
+        self._cond = cond
+        self.capacity = capacity
+        self._jobs: dict[str, JobRecord] = {}
+        self._closed = False
+        #: Set when a job started or exited: the log shipper has reports to send.
+        self.dirty = False
+
+    def free_slots(self) -> int:
+        with self._cond:
+            return max(0, self.capacity - len(self._jobs))
+
+    def add(self, lease: Lease) -> bool:
+        """Hold a new lease; False once the agent decided to exit (the lease then lapses and is requeued)."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._jobs[lease.job_id] = JobRecord(lease=lease)
+            self._cond.notify_all()
+            return True
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def remove(self, job_id: str) -> None:
+        with self._cond:
+            self._jobs.pop(job_id, None)
+            self._cond.notify_all()
+
+    def records(self) -> list[JobRecord]:
+        with self._cond:
+            return list(self._jobs.values())
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._jobs)
+
+    def __iter__(self) -> Iterator[JobRecord]:
+        return iter(self.records())
+
+    def all_exited(self) -> bool:
+        with self._cond:
+            return all(r.exited for r in self._jobs.values())
+
+    def close_if_empty(self) -> bool:
+        """Atomically: if no job is held, refuse new ones from now on and return True."""
+        with self._cond:
+            if not self._jobs:
+                self._closed = True
+            return self._closed
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+
+    def heartbeat_entries(self) -> list[RunningJob]:
+        with self._cond:
+            return [RunningJob(job_id=r.job_id, fencing=r.lease.fencing) for r in self._jobs.values() if not r.lost]
+
+
+def default_runtime_factory(
+    config: AgentConfig,
+    identity: StoredIdentity,
+    on_started: Callable[[str, int, "str | None"], None],
+    on_exited: Callable[[str, int, "str | None"], None],
+) -> RuntimeLike:
+    from edge_agent.runtime import Runtime, RuntimeSettings
+
+    settings = RuntimeSettings(
+        python=config.runtime_python,
+        airflow_home=config.runtime_airflow_home,
+        dags_folder=config.dags_folder,
+        log_folder=config.log_folder,
+        executor=identity.executor,
+    )
+    return Runtime(settings, on_started=on_started, on_exited=on_exited)
+
+
+def default_forwarder_factory(socket_path: Path, send: SendFn) -> ForwarderLike:
+    from edge_agent.forwarder import Forwarder
+
+    return Forwarder(socket_path, send)
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: StoredIdentity,
+        api_factory: Callable[[], Any],
+        *,
+        runtime_factory: Callable[..., RuntimeLike] = default_runtime_factory,
+        forwarder_factory: Callable[[Path, SendFn], ForwarderLike] = default_forwarder_factory,
+        cancel_grace: float = 30.0,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self._api_factory = api_factory
+        self._runtime_factory = runtime_factory
+        self._forwarder_factory = forwarder_factory
+        self.cancel_grace = cancel_grace
+
+        self.cond = threading.Condition(threading.RLock())
+        self.jobs = JobTable(self.cond, config.concurrency)
+        self.status = StatusBoard(config.status_file)
+        self.phase = Phase.RUNNING
+        self.stop_reason: str | None = None
+        self.fatal: EdgeAgentError | None = None
+        self._abort = False
+        #: Set at teardown: log shipper and heartbeat leave their loops.
+        self.loops_stopping = False
+        #: The gateway asked for maintenance drain (heartbeat reply): no leasing while it says so.
+        self.server_drain = False
+        self._deadline: float | None = None
+        self._cancelled = False
+        #: False until the runtime is ready and the loops run (status shows "starting").
+        self._serving = False
+
+        self.api: Any = None
+        self.runtime: RuntimeLike | None = None
+        self.socket_path: Path | None = None
+
+    # -- stop requests: only touch the RLock'd condition (safe from a signal handler) ----------
+
+    def stop_gracefully(self, reason: str = "stop requested") -> None:
+        with self.cond:
+            if self.phase is Phase.RUNNING:
+                self.phase = Phase.DRAINING
+                self.stop_reason = reason
+            self.cond.notify_all()
+
+    def stop_now(self, reason: str = "stop requested twice") -> None:
+        with self.cond:
+            if self.phase in (Phase.RUNNING, Phase.DRAINING):
+                self.phase = Phase.CANCELLING
+                self.stop_reason = reason
+            self.cond.notify_all()
+
+    def abort(self, reason: str = "stop requested three times") -> None:
+        with self.cond:
+            self._abort = True
+            self.stop_reason = reason
+            self.cond.notify_all()
+
+    def fail(self, exc: EdgeAgentError) -> None:
+        """A loop met an error the agent cannot continue with (identity rejected, cert expired)."""
+        with self.cond:
+            if self.fatal is None:
+                self.fatal = exc
+                self.phase = Phase.FAILED
+                self.stop_reason = str(exc)
+            self.cond.notify_all()
+
+    @property
+    def leasing(self) -> bool:
+        with self.cond:
+            return self.phase is Phase.RUNNING and not self._abort
+
+    # -- job events (runtime reader thread, heartbeat, log shipper) -------------------------------
+
+    def _on_started(self, job_id: str, pid: int, log_file: str | None) -> None:
+        with self.cond:
+            rec = self.jobs.get(job_id)
+            if rec is None:
+                return
+            rec.pid = pid
+            rec.started_at = _utcnow()
+            if log_file:
+                path = Path(log_file)
+                rec.log_file = path if path.is_absolute() else self.config.log_folder / path
+            self.jobs.dirty = True
+            self.cond.notify_all()
+        log.info("job %s started (pid %s)", job_id, pid)
+        self.publish()
+
+    def _on_exited(self, job_id: str, exit_code: int, reason: str | None) -> None:
+        with self.cond:
+            rec = self.jobs.get(job_id)
+            if rec is None:
+                return
+            rec.exited = True
+            rec.exit_code = exit_code
+            rec.reason = reason
+            self.jobs.dirty = True
+            self.cond.notify_all()
+        log.info("job %s exited with %s%s", job_id, exit_code, f" ({reason})" if reason else "")
+        self.publish()
+
+    def jobs_lost(self, job_ids: list[str], why: str) -> None:
+        """The gateway no longer holds these jobs for us: stop them, report nothing more."""
+        to_cancel = []
+        with self.cond:
+            for job_id in job_ids:
+                rec = self.jobs.get(job_id)
+                if rec is None or rec.lost:
+                    continue
+                rec.lost = True
+                self.jobs.dirty = True
+                if not rec.exited:
+                    to_cancel.append(job_id)
+            self.cond.notify_all()
+        for job_id in to_cancel:
+            log.warning("job %s lost (%s): cancelling it", job_id, why)
+            self._cancel(job_id, f"lease lost: {why}")
+        self.publish()
+
+    def job_done(self, job_id: str) -> None:
+        """The job's final state was delivered (or it was lost): free its slot."""
+        self.jobs.remove(job_id)
+        self.publish()
+
+    def _cancel(self, job_id: str, reason: str) -> None:
+        runtime = self.runtime
+        if runtime is None:
+            return
+        try:
+            runtime.cancel(job_id, reason)
+        except Exception as exc:  # the runtime may already be gone; the job then exits on its own
+            log.warning("could not cancel job %s: %s", job_id, exc)
+
+    def publish(self) -> None:
+        """Push the current jobs/slots/phase to the status board (never call with the condition held)."""
+        with self.cond:
+            jobs = [r.summary() for r in self.jobs.records()]
+            free = self.jobs.free_slots()
+            phase = self.phase.value if self._serving or self.phase is not Phase.RUNNING else "starting"
+        self.status.set(state=phase, jobs=jobs, free_slots=free, total_slots=self.config.concurrency)
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped. Returns the exit code; raises the fatal error if one stopped the agent."""
+        if self.identity.expired():
+            raise CertificateExpired(self.identity.cert_not_after.isoformat())
+        lock_fd = self._lock_state_dir()
+        tmp_dir: str | None = None
+        forwarder: ForwarderLike | None = None
+        threads: dict[str, threading.Thread] = {}
+        try:
+            self.status.set(agent_id=self.identity.agent_id, name=self.identity.name, url=self.identity.url,
+                            state="starting")
+            self.publish()
+            for d in (self.config.log_folder, self.config.runtime_airflow_home):
+                d.mkdir(parents=True, exist_ok=True)
+            self.api = self._api_factory()
+            self._check_identity()
+
+            if self.config.runtime_dir is not None:
+                sock_dir = self.config.runtime_dir
+            else:
+                tmp_dir = tempfile.mkdtemp(prefix="edge-agent-")  # 0700
+                sock_dir = Path(tmp_dir)
+            self.socket_path = sock_dir / "forwarder.sock"
+            forwarder = self._forwarder_factory(self.socket_path, self.api.execution_request)
+            self._start_forwarder(forwarder)
+
+            self.status.activity("agent", "starting the task runtime")
+            self.runtime = self._runtime_factory(self.config, self.identity, self._on_started, self._on_exited)
+            self.runtime.start()  # RuntimeStartError is a RuntimeUnavailable: reported as one line
+
+            from edge_agent.heartbeat import HeartbeatLoop
+            from edge_agent.lease_loop import LeaseLoop
+            from edge_agent.logship import LogShipper
+
+            for name, loop in (("heartbeat", HeartbeatLoop(self)), ("logship", LogShipper(self)),
+                               ("lease", LeaseLoop(self))):
+                # The lease thread is a daemon: it may sit in a long-poll when we leave; a lease that
+                # arrives after that lapses on the server and goes back to the queue.
+                t = threading.Thread(target=loop.run, name=f"edge-agent-{name}", daemon=True)
+                t.start()
+                threads[name] = t
+            self._serving = True
+            log.info("agent %s running with %d slots", self.identity.agent_id, self.config.concurrency)
+            self._supervise()
+        finally:
+            self._teardown(threads, forwarder)
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            os.close(lock_fd)
+        if self.fatal is not None:
+            log.error("agent stopped: %s", self.fatal)
+            raise self.fatal
+        log.info("agent stopped")
+        return 0
+
+    def _lock_state_dir(self) -> int:
+        # Two 'run's with one identity would lease with the same certificate and fight over slots.
+        path = self.config.state_dir / "agent.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(
+                f"another 'edge-agent run' (pid {other or '?'}) already uses {self.config.state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _check_identity(self) -> None:
+        """Fail fast on a revoked identity; an unreachable gateway is not fatal (the loops retry)."""
+        self.status.activity("agent", "checking identity with the gateway")
+        try:
+            who = self.api.whoami()
+        except IdentityRejected:
+            raise
+        except EdgeAgentError as exc:
+            log.warning("gateway not reachable yet (%s); will keep trying", exc)
+            self.status.gateway(False, str(exc))
+            return
+        self.status.gateway(True)
+        log.info("gateway knows this agent as %s (%s), queues %s, region %s",
+                 who.agent_id, who.name, ",".join(who.queues), who.region)
+
+    @staticmethod
+    def _start_forwarder(forwarder: ForwarderLike) -> None:
+        from edge_agent.forwarder import ForwarderError
+
+        try:
+            forwarder.start()
+        except ForwarderError as exc:
+            raise ConfigError(f"cannot start the task forwarder: {exc}") from None
+
+    def _supervise(self) -> None:
+        """Main thread: wait for a stop request, then drain or cancel until the jobs are gone."""
+        acted: Phase | None = None
+        while True:
+            with self.cond:
+                while not self._abort:
+                    phase = self.phase
+                    if phase is not acted:
+                        break
+                    if self._finished(phase):
+                        return
+                    deadline = self._deadline
+                    self.cond.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                else:
+                    phase = None  # aborted
+            if phase is None:
+                log.warning("leaving without waiting for jobs: %s", self.stop_reason)
+                return
+            acted = phase
+            self._enter(phase)
+
+    def _finished(self, phase: Phase) -> bool:
+        # Called with the condition held.
+        if phase is Phase.DRAINING:
+            return self.jobs.close_if_empty()
+        if phase is Phase.CANCELLING:
+            return self.jobs.close_if_empty() or _past(self._deadline)
+        if phase is Phase.FAILED:
+            # Reports cannot succeed with a rejected identity: wait for the processes, not the reports.
+            if self.jobs.all_exited() or _past(self._deadline):
+                self.jobs.close()
+                return True
+        return False
+
+    def _enter(self, phase: Phase) -> None:
+        """Act on a phase change; runs on the main thread without the condition held."""
+        self.publish()
+        if phase is Phase.RUNNING:
+            self.status.activity("agent", "running")
+            return
+        log.info("%s: %s", phase.value, self.stop_reason)
+        if phase is Phase.DRAINING:
+            self.status.activity("agent", f"draining ({self.stop_reason}): no new work, waiting for running jobs")
+            return
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._deadline = time.monotonic() + self.cancel_grace
+        self.status.activity("agent", f"{phase.value}: cancelling running jobs")
+        reason = ("agent stopping now (second stop request)" if phase is Phase.CANCELLING
+                  else f"agent failed: {self.fatal}")
+        for rec in self.jobs.records():
+            if not rec.exited:
+                self._cancel(rec.job_id, reason)
+
+    def _teardown(self, threads: dict[str, threading.Thread], forwarder: ForwarderLike | None) -> None:
+        self.jobs.close()
+        with self.cond:
+            if self.phase is Phase.RUNNING:
+                self.phase = Phase.DRAINING  # lease loop: stop asking
+            self.loops_stopping = True
+            self.cond.notify_all()
+        self.status.activity("agent", "stopping")
+        # After an abort nobody waits for a loop stuck in a request; otherwise give it one timeout.
+        join_timeout = 0.0 if self._abort else self.config.request_timeout + 5.0
+        if "logship" in threads:
+            threads["logship"].join(join_timeout)
+        if self.runtime is not None:
+            try:
+                self.runtime.stop()
+            except Exception as exc:
+                log.warning("runtime did not stop cleanly: %s", exc)
+        if forwarder is not None:
+            try:
+                forwarder.stop()
+            except Exception as exc:
+                log.warning("forwarder did not stop cleanly: %s", exc)
+        if "heartbeat" in threads:
+            threads["heartbeat"].join(join_timeout)
+        if self.api is not None:
+            self.api.close()
+        with self.cond:
+            if self.fatal is None:
+                self.phase = Phase.STOPPED
+        self.publish()
+        self.status.activity("agent", "stopped" if self.fatal is None else f"stopped: {self.fatal}")
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+__all__ = ["Agent", "JobRecord", "JobTable", "Phase"]

@@ -1,0 +1,284 @@
+"""The ``edge-agent`` command line: ``register``, ``run``, ``status``.
+
+Each command is typed options, a docstring that answers the operator's questions, and one call into
+the library. Errors from ``edge_agent.errors`` become one red line on stderr and an exit code in one
+place (:class:`_ErrorMappingGroup`): 2 for usage/configuration, 1 for everything else; no traceback
+for an error we expected. Heavy imports (httpx, cryptography, the agent) happen inside commands so
+``edge-agent --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from edge_agent import __version__
+from edge_agent.errors import EdgeAgentError
+
+if TYPE_CHECKING:
+    from edge_agent.identity.keystore import StoredIdentity
+
+
+class _ErrorMappingGroup(TyperGroup):
+    """The one place that turns an expected error into a red line on stderr and an exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgeAgentError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
+app = typer.Typer(
+    cls=_ErrorMappingGroup,
+    name="edge-agent",
+    help=(
+        "Run Apache Airflow tasks on this machine for a hosted Airflow, over outbound-only mutual TLS.\n\n"
+        "First 'edge-agent register' with the URL and one-time token your Airflow admin gave you "
+        "('airflow edge-agents token create'), then 'edge-agent run' (usually as a service), and "
+        "'edge-agent status' to see what it is doing."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    # Locals in a traceback could include the registration token.
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+STATE_DIR_HELP = (
+    "Where the identity, task logs and status live. Default: $EDGE_AGENT_STATE_DIR, else "
+    "$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/edge-agent, else ~/.local/state/edge-agent."
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edge-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Run Apache Airflow tasks on this machine for a hosted Airflow, over outbound-only mutual TLS."""
+
+
+@app.command()
+def register(
+    url: str = typer.Option(..., "--url", help="The agent gateway, e.g. https://agents.example.com:8443."),
+    token: Optional[str] = typer.Option(
+        None, "--token",
+        help="The registration token. Visible to other users in the process list: prefer --token-file "
+             "or $EDGE_AGENT_TOKEN.",
+    ),
+    token_file: Optional[str] = typer.Option(
+        None, "--token-file", help="Read the token from this file, or from standard input with '-'."
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="A name for this agent (default: the one in the token, else the agent id)."
+    ),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    secret_backend: Optional[str] = typer.Option(
+        None, "--secret-backend",
+        help="Where the private key goes: 'file' (0600 in the state dir), 'keyring' (OS keyring), or "
+             "'auto' (keyring only if a real one is available; $EDGE_AGENT_SECRET_BACKEND).",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an identity already in the state dir."),
+) -> None:
+    """Register this machine as an agent with a one-time token, and store its identity.
+
+    The token names the gateway's CA: the agent checks it before the secret is sent, so a wrong URL
+    or an intercepting proxy fails safely. A private key is generated here and never leaves this
+    machine. The queues and region the agent serves are fixed by the token, not by this command.
+    """
+    from edge_agent.config import AgentConfig, read_token
+    from edge_agent.identity.enroll import register as enroll
+    from edge_agent.identity.keystore import Keystore
+
+    config = AgentConfig.for_registration(state_dir=state_dir, secret_backend=secret_backend)
+    text = read_token(token, token_file)
+    keystore = Keystore(config.state_dir, config.secret_backend)
+    identity = enroll(url, text, name, keystore, __version__, replace=force, timeout=config.request_timeout)
+    typer.secho(f"Registered with {identity.url}", fg=typer.colors.GREEN)
+    _print_identity(identity, config.state_dir)
+    typer.echo("\nNext: 'edge-agent run' (or start the service).")
+
+
+@app.command()
+def run(
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    concurrency: Optional[int] = typer.Option(
+        None, "--concurrency", "-c", help="Tasks run at the same time (default 4; $EDGE_AGENT_CONCURRENCY)."
+    ),
+    dags_folder: Optional[Path] = typer.Option(
+        None, "--dags-folder",
+        help="Where the DAG files are on this machine, if tasks use the local 'dags-folder' bundle "
+             "($EDGE_AGENT_DAGS_FOLDER).",
+    ),
+    runtime_python: Optional[str] = typer.Option(
+        None, "--runtime-python",
+        help="The Python that has apache-airflow-task-sdk and your DAGs' dependencies (default: this "
+             "agent's own; $EDGE_AGENT_RUNTIME_PYTHON). The agent's private key never enters it.",
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
+) -> None:
+    """Lease and run tasks until stopped.
+
+    SIGTERM or Ctrl-C drains: no new tasks, running ones finish and are reported, then exit 0.
+    A second signal cancels the running tasks; a third leaves at once. Progress goes to stderr and
+    to <state dir>/status.json ('edge-agent status').
+    """
+    from edge_agent import signals
+    from edge_agent.agent import Agent
+    from edge_agent.client import AgentAPI
+    from edge_agent.config import AgentConfig
+    from edge_agent.identity.keystore import Keystore
+    from edge_agent.observability import configure_logging
+    from edge_agent.transport import build_client
+
+    configure_logging(verbose)
+    config = AgentConfig.build(
+        state_dir=state_dir, concurrency=concurrency, dags_folder=dags_folder, runtime_python=runtime_python
+    )
+    identity = Keystore(config.state_dir, config.secret_backend).load()
+
+    def api_factory() -> AgentAPI:
+        return AgentAPI(build_client(identity.url, identity, config.request_timeout))
+
+    agent = Agent(config, identity, api_factory)
+    restore = signals.install(agent)
+    try:
+        code = agent.run()
+    finally:
+        restore()
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the gateway."),
+) -> None:
+    """Show who this agent is, whether the gateway accepts it, and what a running agent is doing.
+
+    Exits 0 when the gateway accepts this identity, 1 otherwise (usable as a health check).
+    """
+    from edge_agent.config import resolve_state_dir
+    from edge_agent.identity.keystore import Keystore
+    from edge_agent.observability.status import STATUS_FILE, read_status
+
+    sd = resolve_state_dir(state_dir)
+    identity = Keystore(sd).load()
+    report: dict[str, Any] = {
+        "state_dir": str(sd),
+        "identity": identity.public_summary(),
+        "certificate_expired": identity.expired(),
+        "gateway": _probe_gateway(identity, timeout),
+        "agent": read_status(sd / STATUS_FILE),
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        _print_status(identity, report)
+    raise typer.Exit(0 if report["gateway"]["accepted"] else 1)
+
+
+def _probe_gateway(identity: "StoredIdentity", timeout: float) -> dict[str, Any]:
+    from edge_agent.client import AgentAPI, certificate_refused
+    from edge_agent.errors import GatewayUnreachable, IdentityRejected
+    from edge_agent.transport import build_client
+
+    if identity.expired():
+        return {"reachable": None, "accepted": False, "error": "certificate expired: re-register with a new token"}
+    api = AgentAPI(build_client(identity.url, identity, timeout))
+    try:
+        who = api.whoami()
+    except IdentityRejected as exc:
+        return {"reachable": True, "accepted": False, "error": str(exc)}
+    except GatewayUnreachable as exc:
+        if certificate_refused(identity, timeout):
+            return {"reachable": True, "accepted": False,
+                    "error": "the gateway answers but refuses this agent's certificate (expired, or issued by "
+                             "a CA it no longer trusts): re-register with a new token"}
+        return {"reachable": False, "accepted": False, "error": str(exc)}
+    except EdgeAgentError as exc:
+        return {"reachable": True, "accepted": False, "error": str(exc)}
+    finally:
+        api.close()
+    return {"reachable": True, "accepted": True, "error": None, "agent_state": who.state,
+            "queues": who.queues, "region": who.region}
+
+
+def _expiry_text(not_after: datetime) -> str:
+    left = not_after - datetime.now(timezone.utc)
+    when = not_after.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if left.total_seconds() <= 0:
+        return f"EXPIRED at {when}"
+    hours = left.total_seconds() / 3600
+    return f"expires {when} (in {hours:.1f} h)" if hours < 72 else f"expires {when} (in {hours / 24:.0f} days)"
+
+
+def _row(label: str, value: object) -> None:
+    typer.echo(f"  {label:<13}{value}")
+
+
+def _print_identity(identity: "StoredIdentity", state_dir: Path) -> None:
+    _row("agent id", identity.agent_id)
+    _row("name", identity.name)
+    _row("queues", ", ".join(identity.queues) or "-")
+    _row("region", identity.region)
+    _row("certificate", _expiry_text(identity.cert_not_after))
+    _row("state dir", state_dir)
+
+
+def _print_status(identity: "StoredIdentity", report: dict[str, Any]) -> None:
+    typer.echo(f"Agent {identity.name} ({identity.agent_id})")
+    _print_identity(identity, Path(report["state_dir"]))
+    gw = report["gateway"]
+    if gw["accepted"]:
+        typer.secho(f"  {'gateway':<13}{identity.url}: reachable, identity accepted (state {gw['agent_state']})",
+                    fg=typer.colors.GREEN)
+    else:
+        where = "reachable" if gw["reachable"] else "not reachable" if gw["reachable"] is False else "not asked"
+        typer.secho(f"  {'gateway':<13}{identity.url}: {where}: {gw['error']}", fg=typer.colors.RED)
+    st = report["agent"]
+    if st is None:
+        _row("process", "no status file: 'edge-agent run' has not run with this state dir")
+        return
+    if not st.get("alive"):
+        _row("process", f"not running (last status {st.get('updated_at', '?')}, state {st.get('state')})")
+        return
+    _row("process", f"pid {st.get('pid')} since {st.get('started_at')}, {st.get('state')}")
+    _row("slots", f"{st.get('free_slots')} free of {st.get('total_slots')}")
+    hb = st.get("last_heartbeat") or {}
+    if hb:
+        _row("heartbeat", f"{'ok' if hb.get('ok') else 'FAILED'} at {hb.get('at')}"
+             + (f": {hb['error']}" if hb.get("error") else ""))
+    else:
+        _row("heartbeat", "none yet")
+    for loop, text in sorted((st.get("activity") or {}).items()):
+        _row(loop, text)
+    jobs = st.get("jobs") or []
+    _row("jobs", f"{len(jobs)} held" if jobs else "none")
+    for job in jobs:
+        typer.echo(f"    {job['job_id']}  {job['dag_id']}.{job['task_id']}  run {job['run_id']}  try "
+                   f"{job['try_number']}  {job['phase']}" + (f"  pid {job['pid']}" if job.get("pid") else ""))
+
+
+def main() -> None:
+    """Console entry point (``edge-agent``)."""
+    app(prog_name="edge-agent")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,96 @@
+"""The lease loop: asks the gateway for work only while there is a free slot and the agent is not stopping.
+
+Each request is a long-poll (``config.lease_wait``): the gateway answers the moment an eligible job
+exists, or with no lease when the wait ends. A lease goes into the job table (the slot is busy from
+now until the final report) and to the runtime; it is reported RUNNING only when the runtime says the
+supervisor started (``logship.py``), never here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from edge_agent.backoff import Backoff
+from edge_agent.errors import CertificateExpired, EdgeAgentError, IdentityRejected, RuntimeUnavailable
+from edge_agent.protocol import Lease
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLoop:
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.backoff = Backoff(base=1.0, cap=30.0)
+
+    def run(self) -> None:
+        a = self.agent
+        while True:
+            if a.server_drain:
+                a.status.activity("lease", "paused: the gateway asked this agent to drain")
+            with a.cond:
+                a.cond.wait_for(lambda: not a.leasing or (not a.server_drain and a.jobs.free_slots() > 0))
+                if not a.leasing:
+                    break
+                free = a.jobs.free_slots()
+            if not getattr(a.runtime, "alive", True):
+                # Without this a dead zygote would only be noticed by the next lease, which then lapses.
+                a.fail(RuntimeUnavailable("the task runtime stopped unexpectedly; see runtime.log in the log folder"))
+                break
+            a.status.activity("lease", f"waiting for work ({free} free slot{'s' if free != 1 else ''})")
+            asked = time.monotonic()
+            try:
+                lease = a.api.lease(free, a.config.lease_wait)
+            except (IdentityRejected, CertificateExpired) as exc:
+                a.fail(exc)
+                break
+            except EdgeAgentError as exc:
+                self._pause(exc)
+                continue
+            if self.backoff.attempt:
+                log.info("gateway reachable again")
+            self.backoff.reset()
+            a.status.gateway(True)
+            if lease is not None:
+                self._start(lease)
+            elif time.monotonic() - asked < min(1.0, a.config.lease_wait / 2):
+                # An empty answer long before the wait ended (a gateway that refuses to hold the
+                # poll): without a pause this loop would hammer it.
+                with a.cond:
+                    a.cond.wait_for(lambda: not a.leasing, timeout=min(a.config.lease_wait, 5.0))
+        a.status.activity("lease", "stopped: not asking for work")
+
+    def _pause(self, exc: EdgeAgentError) -> None:
+        a = self.agent
+        a.status.gateway(False, str(exc))
+        delay = self.backoff.next()
+        # Warn on the first failure of a streak; the rest would fill the journal during an outage.
+        (log.warning if self.backoff.attempt == 1 else log.debug)("lease request failed: %s", exc)
+        a.status.activity("lease", f"gateway problem, asking again in {delay:.0f}s: {exc}")
+        with a.cond:
+            a.cond.wait_for(lambda: not a.leasing, timeout=delay)
+
+    def _start(self, lease: Lease) -> None:
+        a = self.agent
+        if not a.jobs.add(lease):
+            log.warning("lease of job %s arrived while stopping; the gateway will requeue it", lease.job_id)
+            return
+        log.info("leased job %s: %s.%s run %s try %d (fencing %d)", lease.job_id, lease.dag_id,
+                 lease.task_id, lease.run_id, lease.try_number, lease.fencing)
+        a.publish()
+        a.status.activity("lease", f"starting job {lease.job_id}")
+        assert a.runtime is not None  # loops start after the runtime
+        try:
+            a.runtime.submit(lease.job_id, lease.workload, str(a.socket_path))
+        except Exception as exc:
+            # The zygote is gone or refuses work: every further lease would fail the same way, so stop
+            # the agent (a supervisor restarts it) and let this lease lapse back into the queue.
+            a.jobs.remove(lease.job_id)
+            a.fail(RuntimeUnavailable(f"the task runtime refused job {lease.job_id}: {exc}"))
+
+
+__all__ = ["LeaseLoop"]
