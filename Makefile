@@ -1,0 +1,40 @@
+# Developer entry points. `make demo` and `make test` are the whole set-up: both create .venv and
+# install the project (with the Airflow server and test extras) when needed.
+
+PYTHON_BOOT ?= $(shell command -v python3.11 || command -v python3)
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+ARGS        ?=
+
+.PHONY: venv install demo test test-unit test-e2e clean
+
+venv: $(PY)
+
+$(PY):
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+
+# Reinstall only when the dependency list changed (a no-op pip resolve still costs ~20 s).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[server,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) scripts/demo.py $(ARGS)
+
+# Unit, integration and e2e tests (the e2e suite starts a real local stack: a few minutes).
+test: install
+	$(PY) -m pytest -ra $(ARGS)
+
+test-unit: install
+	$(PY) -m pytest -ra -m "not e2e" tests/unit $(ARGS)
+
+test-e2e: install
+	$(PY) -m pytest -ra -m e2e tests/e2e $(ARGS)
+
+clean:
+	rm -rf .demo build dist .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
