@@ -25,8 +25,10 @@ install: $(STAMP)
 demo: install
 	$(PY) scripts/demo.py $(ARGS)
 
-# Unit, integration and e2e tests (the e2e suite starts a real local stack: a few minutes).
+# Unit, integration, PostgreSQL and e2e tests (the e2e suite starts a real local stack: a few
+# minutes). PostgreSQL's server binaries come from Debian's package, installed when missing.
 test: install
+	bash scripts/install-test-deps.sh
 	$(PY) -m pytest -ra $(ARGS)
 
 test-unit: install
