@@ -48,6 +48,26 @@ def _execution_api() -> FastAPI:
     return app
 
 
+async def _warm_execution_api(execution_api: FastAPI) -> None:
+    """Serve one in-process request before accepting agents.
+
+    Airflow's Execution API initialises lazily on its first request (3.8 s measured here, 5-12 s
+    in the notes), which is longer than the Task SDK's default timeout: without this the first
+    task after a gateway start pays it, or times out and retries its ``/run``.
+    """
+    import time
+
+    import httpx
+
+    started = time.monotonic()
+    transport = httpx.ASGITransport(app=execution_api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway.invalid") as client:
+        response = await client.get("/health")
+    log.info(
+        "execution API warmed in %.1f s (health %s)", time.monotonic() - started, response.status_code
+    )
+
+
 def create_app(settings: HostedSettings, *, ca: CertificateAuthority | None = None) -> FastAPI:
     """Build the gateway app. Fails at once if the CA or the JWT signing key is missing."""
     ca = ca or CertificateAuthority.load(settings.ca_dir)
@@ -64,6 +84,7 @@ def create_app(settings: HostedSettings, *, ca: CertificateAuthority | None = No
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(execution_api.router.lifespan_context(execution_api))
             stack.push_async_callback(state.notifier.aclose)
+            await _warm_execution_api(execution_api)
             yield
 
     app = FastAPI(

@@ -220,3 +220,9 @@ def test_server_certificate_cannot_be_used_as_client_certificate(gateway, tmp_pa
 def test_ca_is_reused_not_recreated(gateway):
     again, created = CertificateAuthority.init(gateway.home.path / "ca")
     assert not created and again.pin == gateway.ca.pin
+
+
+def test_execution_api_is_warm_before_the_first_agent_arrives(gateway):
+    # The first request to Airflow's Execution API initialises it (seconds); the gateway pays that
+    # at start, so the first task's /run does not race the Task SDK's timeout.
+    assert "execution API warmed in" in gateway.log_text()
