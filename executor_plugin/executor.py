@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.taskinstancehistory import TaskInstanceHistory
 
+#: How often queued jobs are checked against their task instances (one indexed query each time).
+RECONCILE_EVERY_SECONDS = 10.0
 #: Reported terminal jobs stay this long (for ``airflow edge-agents list`` and debugging) before purge.
 PURGE_AFTER = timedelta(hours=1)
 #: Purging is a DELETE that mostly matches nothing; on SQLite every write statement takes the
@@ -73,6 +75,7 @@ class EdgeAgentExecutor(BaseExecutor):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._next_purge = 0.0  # monotonic time of the next purge; 0 = at the first sync
+        self._next_reconcile = 0.0  # same, for cancelling jobs of TIs settled by hand
         self._failed_syncs = 0  # consecutive; the traceback is logged once per outage, not per heartbeat
 
     # ----------------------------------------------------------------------------------------------
@@ -173,6 +176,11 @@ class EdgeAgentExecutor(BaseExecutor):
             self._emit(job)
             store.mark_reported(session, job.id, job.state)
         now = time.monotonic()
+        if now >= self._next_reconcile:
+            self._next_reconcile = now + RECONCILE_EVERY_SECONDS
+            cancelled = store.cancel_queued_jobs_of_settled_tis(session)
+            if cancelled:
+                self.log.info("Cancelled %d queued job(s) whose task instance was settled elsewhere", cancelled)
         if now >= self._next_purge:
             self._next_purge = now + PURGE_EVERY_SECONDS
             purged = store.purge_reported(session, older_than=store.utcnow() - PURGE_AFTER)

@@ -295,6 +295,45 @@ def requeue_expired_leases(session: Session, now: datetime | None = None) -> int
     return result.rowcount
 
 
+def cancel_queued_jobs_of_settled_tis(session: Session, now: datetime | None = None) -> int:
+    """Cancel queued jobs whose task instance is no longer QUEUED for that try.
+
+    An operator can settle a queued TI by hand (mark the run failed, clear it, delete the run); the
+    scheduler does not revoke the job then, and an agent would later lease a try Airflow has moved
+    past. Jobs and TIs are matched by the TI's id and try number.
+    """
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.state import TaskInstanceState
+
+    queued = session.execute(
+        select(job_table.c.id, job_table.c.ti_id, job_table.c.try_number).where(job_table.c.state == JobStatus.QUEUED)
+    ).all()
+    if not queued:
+        return 0
+    live: dict[str, tuple[str | None, int]] = {}
+    for start in range(0, len(queued), 500):
+        ti_ids = [uuid.UUID(row.ti_id) for row in queued[start : start + 500]]
+        rows = session.execute(
+            select(TaskInstance.id, TaskInstance.state, TaskInstance.try_number).where(TaskInstance.id.in_(ti_ids))
+        )
+        live.update({str(ti_id): (state, try_number) for ti_id, state, try_number in rows})
+    settled = [row.id for row in queued if live.get(row.ti_id) != (TaskInstanceState.QUEUED, row.try_number)]
+    if not settled:
+        return 0
+    result = session.execute(
+        update(job_table)
+        .where(job_table.c.id.in_(settled), job_table.c.state == JobStatus.QUEUED)
+        .values(
+            state=JobStatus.CANCELLED,
+            reported_state=JobStatus.CANCELLED,
+            fencing=job_table.c.fencing + 1,
+            finished_at=now or utcnow(),
+            reason="task instance is no longer queued for this try",
+        )
+    )
+    return result.rowcount
+
+
 def purge_reported(session: Session, older_than: datetime) -> int:
     result = session.execute(
         delete(job_table).where(
@@ -592,6 +631,7 @@ __all__ = [
     "Token",
     "TokenRejected",
     "cancel_job",
+    "cancel_queued_jobs_of_settled_tis",
     "create_agent",
     "create_token",
     "enqueue_job",

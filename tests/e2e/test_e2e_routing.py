@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import shutil
 
 import pytest
@@ -42,6 +44,15 @@ def test_task_on_unserved_queue_stays_queued(e2e):
         )
     finally:
         stack.set_run_state(dag_id, run_id, "failed")
+    # Settled by hand, the stranded try must never be leased later: the executor cancels its job.
+    deadline = time.monotonic() + 60
+    while True:
+        jobs = [j for j in stack.agent_jobs(dag_id, run_id) if j["task_id"] == "stranded"]
+        if jobs and all(j["state"] == "cancelled" for j in jobs):
+            break
+        if time.monotonic() > deadline:
+            e2e.fail(f"stranded job not cancelled after the run was marked failed: {jobs}", dag_id, run_id)
+        time.sleep(1)
 
 
 def test_dag_missing_on_agent_fails_with_reason(e2e, tmp_path):

@@ -66,7 +66,14 @@ def empty_db(tmp_path, monkeypatch):
 
 @pytest.fixture
 def db(empty_db):
+    from airflow.models import import_all_models
+    from airflow.models.taskinstance import TaskInstance
+
+    import_all_models()  # resolves task_instance's foreign keys
     metadata.create_all(empty_db)
+    # Airflow's own task_instance table (SQLite does not enforce its foreign keys): the executor
+    # checks queued jobs against it.
+    TaskInstance.__table__.create(empty_db)
     return empty_db
 
 
@@ -125,6 +132,16 @@ def make_agent(session, agent_id: str = "agent-1", queues=("eu",)) -> store.Agen
 
 def queue(executor: EdgeAgentExecutor, session, workload: workloads.ExecuteTask) -> None:
     """What the scheduler does: queue in its session, then commit with the TI's QUEUED state."""
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import insert
+
+    ti = workload.ti
+    session.execute(
+        insert(TaskInstance.__table__).values(
+            id=ti.id, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index,
+            try_number=ti.try_number, pool="default_pool", state="queued",
+        )
+    )
     executor.queue_workload(workload, session=session)
     session.commit()
 
@@ -478,3 +495,24 @@ def test_task_instance_key_order_is_what_the_executor_assumes():
 
     key = TaskInstanceKey("d", "t", "r", try_number=3, map_index=5)
     assert key_tuple(key) == ("d", "t", "r", 5, 3)
+
+
+def test_sync_cancels_queued_jobs_whose_ti_was_settled_by_hand(executor, session):
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import delete, update
+
+    kept, settled, deleted = (make_workload(f"t{i}") for i in range(3))
+    for wl in (kept, settled, deleted):
+        queue(executor, session, wl)
+    table = TaskInstance.__table__
+    session.execute(update(table).where(table.c.id == settled.ti.id).values(state="failed"))
+    session.execute(delete(table).where(table.c.id == deleted.ti.id))
+    session.commit()
+
+    executor.sync()
+
+    by_task = {row["task_id"]: row for row in jobs(session)}
+    assert by_task["t0"]["state"] == JobStatus.QUEUED
+    assert by_task["t1"]["state"] == JobStatus.CANCELLED  # marked failed while queued
+    assert by_task["t2"]["state"] == JobStatus.CANCELLED  # its run was deleted
+    assert "no longer queued" in by_task["t1"]["reason"]
