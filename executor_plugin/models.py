@@ -5,7 +5,7 @@ Nothing here runs a query: every read and write lives in :mod:`executor_plugin.s
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text
 
 from airflow.utils.sqlalchemy import UtcDateTime
 

@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge_agent.fsutil import atomic_write
 from edge_agent.identity.pki_utils import generate_key, pubkey_fingerprint, spki_pin
 
 log = logging.getLogger(__name__)
@@ -60,30 +60,8 @@ class CSRRejected(PKIError):
     """The certificate signing request is malformed, badly signed, or uses a refused key type."""
 
 
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` with ``mode`` via temp file + fsync + rename.
-
-    Prevents a crash or a full disk from leaving a truncated key file behind, and the temp file is
-    created 0600 so the key is never readable by others, not even for an instant.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+#: Kept under this name for the gateway's server-certificate store.
+write_file_atomic = atomic_write
 
 
 def ensure_private_dir(path: Path) -> None:

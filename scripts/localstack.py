@@ -45,6 +45,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from edge_agent.fsutil import atomic_write
+
 T = TypeVar("T")
 
 #: The bundle name every DAG lives in. The agent maps the same name to its ``--dags-folder``:
@@ -99,18 +101,7 @@ def free_port() -> int:
 
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600, atomically (no moment where it is world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode(), 0o600)
 
 
 def tail(path: Path, lines: int) -> str:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent.errors import ConfigError, InsecureKeyFile, StateMissing
+from edge_agent.fsutil import atomic_write, fsync_dir
 
 KEYRING_SERVICE = "edge-agent"
 IDENTITY_FILE = "identity.json"
@@ -249,7 +249,7 @@ class Keystore:
             self._delete_keyring_entry()
         for name in (KEY_FILE, CERT_FILE, CA_FILE):
             _unlink(self.state_dir / name)
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
 
 
 # -- keyring policy -----------------------------------------------------------------------------
@@ -295,38 +295,6 @@ def backend_recommended(backend: object) -> tuple[bool, str]:
 
 
 # -- files --------------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new content, never a partial file."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        # mkstemp creates the file 0600; chmod before writing so a wider mode never holds secret bytes.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(Path(tmp))
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Without this a power loss after os.replace can bring back the old directory entry.
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _unlink(path: Path) -> None:

@@ -147,7 +147,7 @@ def test_heartbeat_renews_held_and_returns_lost(session_factory):
 
 def test_token_single_use_and_same_key_retry(session_factory):
     s = session_factory()
-    token = store.create_token(
+    store.create_token(
         s, token_id="t1", secret_hash=store.hash_secret("secret"), queues=["q"], region="eu-1", name=None,
         ttl=timedelta(minutes=5), max_uses=1,
     )
