@@ -25,6 +25,10 @@ REGISTER_PATH = f"{API_PREFIX}/register"
 WHOAMI_PATH = f"{API_PREFIX}/whoami"
 LEASE_PATH = f"{API_PREFIX}/lease"
 HEARTBEAT_PATH = f"{API_PREFIX}/heartbeat"
+#: POST a new CSR under the current identity; the reply is a new certificate for the same agent.
+RENEW_PATH = f"{API_PREFIX}/renew"
+#: DELETE: the agent removes itself (``edge-agent unregister``).
+SELF_PATH = f"{API_PREFIX}/self"
 EXECUTION_PREFIX = "/execution/"
 
 
@@ -173,6 +177,13 @@ class LeaseRequest(_Model):
     wait_seconds: float = Field(default=30.0, ge=0.0, le=MAX_LEASE_WAIT_SECONDS)
 
 
+class LogPolicy(str, enum.Enum):
+    #: Task logs are shipped to the hosted side and shown in the Airflow UI.
+    HOSTED = "hosted"
+    #: Task logs never leave the agent's region; the UI says where they are.
+    LOCAL = "local"
+
+
 class Lease(_Model):
     job_id: str
     #: Fencing id: every later call about this job must present it; a stale one is refused.
@@ -186,6 +197,8 @@ class Lease(_Model):
     #: The ``ExecuteTask`` workload as JSON, with a task token minted at lease time.
     workload: dict[str, Any]
     lease_expires_at: datetime
+    #: From the queue's policy on the server: whether the agent may ship this task's log.
+    log_policy: LogPolicy = LogPolicy.HOSTED
 
 
 class LeaseResponse(_Model):
@@ -196,6 +209,9 @@ class JobState(str, enum.Enum):
     RUNNING = "running"
     SUCCESS = "success"
     FAILED = "failed"
+    #: The agent's local policy refused the job; it was never run. The server fails the try with
+    #: the reason and never offers that job to this agent again.
+    REFUSED = "refused"
 
 
 class JobReport(_Model):
@@ -232,6 +248,12 @@ class HeartbeatResponse(_Model):
     lost: list[str] = Field(default_factory=list)
 
 
+class RenewRequest(_Model):
+    """Certificate rotation: a CSR for a new key, sent under the current (still valid) certificate."""
+
+    csr_pem: str = Field(max_length=8192)
+
+
 class ErrorBody(BaseModel):
     detail: str
 
@@ -244,6 +266,8 @@ __all__ = [
     "MAX_LEASE_WAIT_SECONDS",
     "MAX_LOG_CHUNK_BYTES",
     "REGISTER_PATH",
+    "RENEW_PATH",
+    "SELF_PATH",
     "TOKEN_PREFIX",
     "TRUST_BUNDLE_PATH",
     "WHOAMI_PATH",
@@ -256,9 +280,11 @@ __all__ = [
     "Lease",
     "LeaseRequest",
     "LeaseResponse",
+    "LogPolicy",
     "LogChunk",
     "RegisterRequest",
     "RegistrationToken",
+    "RenewRequest",
     "RunningJob",
     "TokenFormatError",
     "TrustBundle",
