@@ -34,6 +34,22 @@ cannot_install() {
     exit 0
 }
 
+# tests/packaging: systemd-analyze (unit verification), dpkg-deb (the .deb) and setpriv/unshare (the
+# read-only-root test). All three ship in Debian's base image; install them where they do not.
+tools=()
+command -v systemd-analyze >/dev/null || tools+=(systemd)
+command -v dpkg-deb >/dev/null || tools+=(dpkg)
+command -v setpriv >/dev/null || tools+=(util-linux)
+if [ ${#tools[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null
+        say "installed ${tools[*]}"
+    else
+        say "missing ${tools[*]} (not root or no apt-get): tests/packaging will skip them"
+    fi
+fi
+
 if dir=$(server_bindir); then
     say "PostgreSQL server already installed ($dir), nothing to do"
     exit 0
