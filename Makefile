@@ -7,7 +7,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 ARGS        ?=
 
-.PHONY: venv install demo test test-unit test-e2e clean
+.PHONY: venv install demo test test-unit test-e2e package image clean
 
 venv: $(PY)
 
@@ -36,6 +36,16 @@ test-unit: install
 
 test-e2e: install
 	$(PY) -m pytest -ra -m e2e tests/e2e $(ARGS)
+
+# Standalone agent binaries (PyInstaller onedir + onefile, release tarball) and the .deb, in dist/.
+package: install
+	$(PY) packaging/build.py --onedir --onefile --tarball
+	sh packaging/deb/build_deb.sh
+
+# The container image needs a container engine with registry access (docker, podman or buildah).
+CONTAINER ?= podman
+image:
+	$(CONTAINER) build -f packaging/container/Containerfile -t edge-agent:0.1.0 .
 
 clean:
 	rm -rf .demo build dist .pytest_cache
