@@ -6,7 +6,12 @@ Threads (each loop in its own module, one cadence each)::
     lease        lease_loop.LeaseLoop   asks for work while there are free slots and we are not stopping
     logship      logship.LogShipper     per job: RUNNING report, log chunks, final flush, final state
     heartbeat    heartbeat.HeartbeatLoop renews every held lease in one call; runs through the drain
+    rotation     rotation.RotationLoop   renews the certificate at 70-90 % of its lifetime (needs a keystore)
     (runtime)    the runtime's reader thread calls _on_started/_on_exited
+
+Every lease is judged by the local policy (``policy.decide``) before anything reaches the runtime;
+the decision and every job's end go to the audit log (``audit.py``). A refused job holds its slot
+only until its REFUSED report is delivered.
 
 Stops, idempotent and escalating (``signals.py`` maps SIGTERM/SIGINT #1, #2, #3 onto them):
 ``stop_gracefully`` = stop leasing, let running jobs finish and report them, exit 0;
@@ -21,7 +26,6 @@ thread, possibly while that thread holds the lock, and must be able to re-enter 
 from __future__ import annotations
 
 import enum
-import fcntl
 import logging
 import os
 import shutil
@@ -33,10 +37,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from edge_agent import statelock
+from edge_agent.audit import AuditLog
 from edge_agent.config import AgentConfig
-from edge_agent.errors import CertificateExpired, ConfigError, EdgeAgentError, IdentityRejected
-from edge_agent.identity.keystore import StoredIdentity
+from edge_agent.errors import AuditError, CertificateExpired, ConfigError, EdgeAgentError, IdentityRejected
+from edge_agent.identity.keystore import Keystore, StoredIdentity
 from edge_agent.observability.status import StatusBoard
+from edge_agent.policy import Decision, Policy, facts
 from edge_agent.protocol import Lease, RunningJob
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,8 @@ class JobRecord:
     lost: bool = False
     #: The runtime's reason for the outcome was appended to the hosted copy of the task log.
     reason_logged: bool = False
+    #: Why the local policy refused the job (it never reached the runtime); reported as REFUSED.
+    refused: str | None = None
 
     @property
     def job_id(self) -> str:
@@ -98,12 +107,13 @@ class JobRecord:
 
     def summary(self) -> dict[str, Any]:
         lease = self.lease
-        phase = "lost" if self.lost else "exited" if self.exited else "running" if self.started else "starting"
+        phase = ("refused" if self.refused is not None else "lost" if self.lost else "exited" if self.exited
+                 else "running" if self.started else "starting")
         return {
             "job_id": lease.job_id, "dag_id": lease.dag_id, "task_id": lease.task_id, "run_id": lease.run_id,
             "map_index": lease.map_index, "try_number": lease.try_number, "queue": lease.queue, "phase": phase,
             "pid": self.pid, "leased_at": self.leased_at, "started_at": self.started_at,
-            "exit_code": self.exit_code,
+            "exit_code": self.exit_code, "logs": lease.log_policy.value,
         }
 
 
@@ -122,12 +132,16 @@ class JobTable:
         with self._cond:
             return max(0, self.capacity - len(self._jobs))
 
-    def add(self, lease: Lease) -> bool:
-        """Hold a new lease; False once the agent decided to exit (the lease then lapses and is requeued)."""
+    def add(self, lease: Lease, refused: str | None = None) -> bool:
+        """Hold a new lease; False once the agent decided to exit (the lease then lapses and is requeued).
+
+        A refused job is held as already exited (it never runs) until its REFUSED report is delivered.
+        """
         with self._cond:
             if self._closed:
                 return False
-            self._jobs[lease.job_id] = JobRecord(lease=lease)
+            self._jobs[lease.job_id] = JobRecord(lease=lease, refused=refused, exited=refused is not None)
+            self.dirty = True
             self._cond.notify_all()
             return True
 
@@ -205,9 +219,18 @@ class Agent:
         runtime_factory: Callable[..., RuntimeLike] = default_runtime_factory,
         forwarder_factory: Callable[[Path, SendFn], ForwarderLike] = default_forwarder_factory,
         cancel_grace: float = 30.0,
+        policy: Policy | None = None,
+        keystore: Keystore | None = None,
+        client_factory: Callable[[StoredIdentity], Any] | None = None,
     ) -> None:
         self.config = config
+        #: Replaced (under ``cond``) when the certificate rotates.
         self.identity = identity
+        self.policy = policy or Policy()
+        #: With both, the rotation loop runs: it stores the new pair and builds the new HTTP client.
+        self.keystore = keystore
+        self.client_factory = client_factory
+        self.audit: AuditLog | None = None
         self._api_factory = api_factory
         self._runtime_factory = runtime_factory
         self._forwarder_factory = forwarder_factory
@@ -219,6 +242,8 @@ class Agent:
         self.phase = Phase.RUNNING
         self.stop_reason: str | None = None
         self.fatal: EdgeAgentError | None = None
+        #: An error that stops the agent after a drain (running jobs finish), raised by run() at the end.
+        self.fatal_after_drain: EdgeAgentError | None = None
         self._abort = False
         #: Set at teardown: log shipper and heartbeat leave their loops.
         self.loops_stopping = False
@@ -264,6 +289,13 @@ class Agent:
                 self.stop_reason = str(exc)
             self.cond.notify_all()
 
+    def drain_and_fail(self, exc: EdgeAgentError) -> None:
+        """Stop taking work because of ``exc``, let running jobs finish, then exit with ``exc``."""
+        with self.cond:
+            if self.fatal_after_drain is None:
+                self.fatal_after_drain = exc
+        self.stop_gracefully(str(exc))
+
     @property
     def leasing(self) -> bool:
         with self.cond:
@@ -294,10 +326,56 @@ class Agent:
             rec.exited = True
             rec.exit_code = exit_code
             rec.reason = reason
+            lost = rec.lost
             self.jobs.dirty = True
             self.cond.notify_all()
         log.info("job %s exited with %s%s", job_id, exit_code, f" ({reason})" if reason else "")
+        try:
+            self._audit("finish", rec.lease, exit_code=exit_code, reason=reason, lost=lost or None)
+        except AuditError as exc:
+            log.error("job %s finished but its end could not be recorded: %s", job_id, exc)
         self.publish()
+
+    # -- the local policy and the audit log -----------------------------------------------------------
+
+    def admit(self, lease: Lease, decision: Decision) -> bool:
+        """Hold a lease as the policy decided, and record the decision; True = hand it to the runtime.
+
+        A decision that cannot be recorded is not acted on: the job is refused instead, and the agent
+        drains and stops (it must not run jobs it cannot account for).
+        """
+        refused = None if decision.accepted else decision.reason
+        if not self.jobs.add(lease, refused=refused):
+            log.warning("lease of job %s arrived while stopping; the gateway will requeue it", lease.job_id)
+            return False
+        try:
+            self._audit("decision", lease, decision="accepted" if decision.accepted else "refused",
+                        reason=decision.reason)
+        except AuditError as exc:
+            with self.cond:
+                rec = self.jobs.get(lease.job_id)
+                if rec is not None:
+                    rec.refused, rec.exited = f"not run: {exc}", True
+                    self.jobs.dirty = True
+                    self.cond.notify_all()
+            log.error("job %s refused: %s", lease.job_id, exc)
+            self.drain_and_fail(exc)
+            return False
+        if refused is not None:
+            log.warning("job %s refused by the local policy: %s", lease.job_id, refused)
+        self.publish()
+        return refused is None
+
+    def _audit(self, event: str, lease: Lease, **fields: Any) -> None:
+        if self.audit is None:
+            raise AuditError("the audit log is not open")
+        job, _ = facts(lease)
+        self.audit.append(
+            event, job_id=lease.job_id, fencing=lease.fencing, queue=job.queue, bundle=job.bundle,
+            ti={"dag_id": job.dag_id, "task_id": job.task_id, "run_id": job.run_id, "map_index": job.map_index,
+                "try_number": job.try_number},
+            logs=lease.log_policy.value, **fields,
+        )
 
     def jobs_lost(self, job_ids: list[str], why: str) -> None:
         """The gateway no longer holds these jobs for us: stop them, report nothing more."""
@@ -344,15 +422,19 @@ class Agent:
     def run(self) -> int:
         """Run until stopped. Returns the exit code; raises the fatal error if one stopped the agent."""
         if self.identity.expired():
-            raise CertificateExpired(self.identity.cert_not_after.isoformat())
-        lock_fd = self._lock_state_dir()
+            raise CertificateExpired(self.identity.cert_not_after)
+        # Two 'run's with one identity would lease with the same certificate and fight over slots.
+        lock_fd = statelock.acquire(self.config.state_dir)
         tmp_dir: str | None = None
         forwarder: ForwarderLike | None = None
         threads: dict[str, threading.Thread] = {}
         try:
             self.status.set(agent_id=self.identity.agent_id, name=self.identity.name, url=self.identity.url,
-                            state="starting")
+                            state="starting", policy=self.policy.describe())
             self.publish()
+            # Under the state-dir lock: one writer chains onto the log's last line.
+            self.audit = AuditLog.open(self.config.state_dir, self.identity.agent_id)
+            log.info("local policy: %s", self.policy.describe())
             for d in (self.config.log_folder, self.config.runtime_airflow_home):
                 d.mkdir(parents=True, exist_ok=True)
             self.api = self._api_factory()
@@ -375,8 +457,13 @@ class Agent:
             from edge_agent.lease_loop import LeaseLoop
             from edge_agent.logship import LogShipper
 
-            for name, loop in (("heartbeat", HeartbeatLoop(self)), ("logship", LogShipper(self)),
-                               ("lease", LeaseLoop(self))):
+            loops: list[tuple[str, Any]] = [("heartbeat", HeartbeatLoop(self)), ("logship", LogShipper(self)),
+                                            ("lease", LeaseLoop(self))]
+            if self.keystore is not None and self.client_factory is not None:
+                from edge_agent.rotation import RotationLoop
+
+                loops.append(("rotation", RotationLoop(self, self.keystore, self.client_factory)))
+            for name, loop in loops:
                 # The lease thread is a daemon: it may sit in a long-poll when we leave; a lease that
                 # arrives after that lapses on the server and goes back to the queue.
                 t = threading.Thread(target=loop.run, name=f"edge-agent-{name}", daemon=True)
@@ -389,28 +476,15 @@ class Agent:
             self._teardown(threads, forwarder)
             if tmp_dir is not None:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
+            if self.audit is not None:
+                self.audit.close()
             os.close(lock_fd)
-        if self.fatal is not None:
-            log.error("agent stopped: %s", self.fatal)
-            raise self.fatal
+        fatal = self.fatal or self.fatal_after_drain
+        if fatal is not None:
+            log.error("agent stopped: %s", fatal)
+            raise fatal
         log.info("agent stopped")
         return 0
-
-    def _lock_state_dir(self) -> int:
-        # Two 'run's with one identity would lease with the same certificate and fight over slots.
-        path = self.config.state_dir / "agent.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            raise ConfigError(
-                f"another 'edge-agent run' (pid {other or '?'}) already uses {self.config.state_dir}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
 
     def _check_identity(self) -> None:
         """Fail fast on a revoked identity; an unreachable gateway is not fatal (the loops retry)."""
@@ -513,8 +587,9 @@ class Agent:
                 forwarder.stop()
             except Exception as exc:
                 log.warning("forwarder did not stop cleanly: %s", exc)
-        if "heartbeat" in threads:
-            threads["heartbeat"].join(join_timeout)
+        for name in ("heartbeat", "rotation"):
+            if name in threads:
+                threads[name].join(join_timeout)
         if self.api is not None:
             self.api.close()
         with self.cond:

@@ -1,4 +1,4 @@
-"""The ``edge-agent`` command line: ``register``, ``run``, ``status``.
+"""The ``edge-agent`` command line: ``register``, ``run``, ``status``, ``unregister``, ``audit verify``.
 
 Each command is typed options, a docstring that answers the operator's questions, and one call into
 the library. Errors from ``edge_agent.errors`` become one red line on stderr and an exit code in one
@@ -129,13 +129,20 @@ def run(
         help="The Python that has apache-airflow-task-sdk and your DAGs' dependencies (default: this "
              "agent's own; $EDGE_AGENT_RUNTIME_PYTHON). The agent's private key never enters it.",
     ),
+    policy: Optional[Path] = typer.Option(
+        None, "--policy",
+        help="Local policy file narrowing which DAGs, bundles and queues this agent runs (TOML; default "
+             "<state dir>/policy.toml if it exists; $EDGE_AGENT_POLICY).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
     """Lease and run tasks until stopped.
 
     SIGTERM or Ctrl-C drains: no new tasks, running ones finish and are reported, then exit 0.
     A second signal cancels the running tasks; a third leaves at once. Progress goes to stderr and
-    to <state dir>/status.json ('edge-agent status').
+    to <state dir>/status.json ('edge-agent status'). Every job accepted or refused by the local
+    policy is recorded in <state dir>/audit.log ('edge-agent audit verify'). The certificate is
+    renewed with a new key at 70-90 % of its lifetime.
     """
     from edge_agent import signals
     from edge_agent.agent import Agent
@@ -143,18 +150,23 @@ def run(
     from edge_agent.config import AgentConfig
     from edge_agent.identity.keystore import Keystore
     from edge_agent.observability import configure_logging
+    from edge_agent.policy import load_policy
     from edge_agent.transport import build_client
 
     configure_logging(verbose)
     config = AgentConfig.build(
-        state_dir=state_dir, concurrency=concurrency, dags_folder=dags_folder, runtime_python=runtime_python
+        state_dir=state_dir, concurrency=concurrency, dags_folder=dags_folder, runtime_python=runtime_python,
+        policy=policy,
     )
-    identity = Keystore(config.state_dir, config.secret_backend).load()
+    local_policy = load_policy(config.policy_file, required=config.policy_required)
+    keystore = Keystore(config.state_dir, config.secret_backend)
+    identity = keystore.load()
 
-    def api_factory() -> AgentAPI:
-        return AgentAPI(build_client(identity.url, identity, config.request_timeout))
+    def client_factory(ident: "StoredIdentity") -> Any:
+        return build_client(ident.url, ident, config.request_timeout)
 
-    agent = Agent(config, identity, api_factory)
+    agent = Agent(config, identity, lambda: AgentAPI(client_factory(identity)), policy=local_policy,
+                  keystore=keystore, client_factory=client_factory)
     restore = signals.install(agent)
     try:
         code = agent.run()
@@ -193,13 +205,77 @@ def status(
     raise typer.Exit(0 if report["gateway"]["accepted"] else 1)
 
 
+@app.command()
+def unregister(
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    local_only: bool = typer.Option(
+        False, "--local-only",
+        help="Wipe this machine's identity even if the gateway cannot be told (an admin must then revoke "
+             "the agent with 'airflow edge-agents revoke').",
+    ),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the gateway."),
+) -> None:
+    """Remove this agent from the hosted side, then delete its key and certificate here.
+
+    The server puts the agent's open jobs back in the queue. The audit log and task logs are kept.
+    Refused while 'edge-agent run' uses the state dir. If the gateway cannot be reached nothing is
+    deleted, unless --local-only.
+    """
+    from edge_agent.config import resolve_state_dir
+    from edge_agent.identity.unregister import unregister as unenroll
+
+    sd = resolve_state_dir(state_dir)
+    if not yes:
+        typer.confirm(f"Unregister the agent in {sd} and delete its key and certificate?", abort=True, err=True)
+    result = unenroll(sd, local_only=local_only, timeout=timeout)
+    who = f"agent {result.agent_id}" if result.agent_id else "the agent"
+    typer.secho(f"Unregistered {who}" + (f" from {result.url}" if result.url else ""), fg=typer.colors.GREEN)
+    _row("server", result.server)
+    _row("local", f"key, certificate and identity deleted from {sd}")
+    _row("audit log", f"kept: {result.audit_log}")
+
+
+audit_app = typer.Typer(
+    help="The local audit log of every job this agent accepted, refused and finished.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
+) -> None:
+    """Check the audit log's hash chain: an edited, removed, reordered or cut line is reported.
+
+    Exits 0 when the whole log verifies, 1 otherwise (the first bad line is named).
+    """
+    from edge_agent.audit import verify
+    from edge_agent.config import resolve_state_dir
+
+    result = verify(resolve_state_dir(state_dir))
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+    elif result.ok:
+        span = f", {result.first_time} to {result.last_time}" if result.entries else ""
+        typer.secho(f"{result.path}: OK, {result.entries} entries{span}", fg=typer.colors.GREEN)
+    else:
+        typer.secho(f"{result.path}: FAILED at line {result.first_bad_line}", fg=typer.colors.RED)
+        for problem in result.problems:
+            typer.echo(f"  line {problem.line}: {problem.kind}: {problem.detail}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
 def _probe_gateway(identity: "StoredIdentity", timeout: float) -> dict[str, Any]:
     from edge_agent.client import AgentAPI, certificate_refused
-    from edge_agent.errors import GatewayUnreachable, IdentityRejected
+    from edge_agent.errors import CertificateExpired, GatewayUnreachable, IdentityRejected
     from edge_agent.transport import build_client
 
     if identity.expired():
-        return {"reachable": None, "accepted": False, "error": "certificate expired: re-register with a new token"}
+        return {"reachable": None, "accepted": False,
+                "error": str(CertificateExpired(identity.cert_not_after))}
     api = AgentAPI(build_client(identity.url, identity, timeout))
     try:
         who = api.whoami()
@@ -259,6 +335,8 @@ def _print_status(identity: "StoredIdentity", report: dict[str, Any]) -> None:
         _row("process", f"not running (last status {st.get('updated_at', '?')}, state {st.get('state')})")
         return
     _row("process", f"pid {st.get('pid')} since {st.get('started_at')}, {st.get('state')}")
+    if st.get("policy"):
+        _row("policy", st["policy"])
     _row("slots", f"{st.get('free_slots')} free of {st.get('total_slots')}")
     hb = st.get("last_heartbeat") or {}
     if hb:

@@ -4,7 +4,8 @@ No retries and no sleeping here: loops decide how hard to try (``backoff.py``). 
 
 =========================  ======================================================
 401                        IdentityRejected (unknown agent or no certificate); RegistrationRefused on register
-403                        IdentityRejected(revoked=True)
+403                        IdentityRejected(revoked=True); on a job route a 403 that is not about a
+                           revocation is a RequestRejected (e.g. logs of a queue that keeps them local)
 404 / 409 on a job route   StaleLease (the job is not ours any more); LogGap for a 409 on a log chunk
                            that starts past the end of the gateway's copy
 408, 429, 5xx              ServerError (retryable)
@@ -17,12 +18,17 @@ not fail the handshake on our side: the server's alert arrives after it. When th
 (``ReadError: ... ALERT_UNKNOWN_CA``) it is an IdentityRejected; when the server just drops the
 connection (uvicorn: ``RemoteProtocolError: Server disconnected``) it is a GatewayUnreachable with a
 hint, and :func:`certificate_refused` tells the two cases apart for ``edge-agent status``.
+
+Certificate rotation swaps the underlying client (:meth:`AgentAPI.replace_client`): new requests
+use the new certificate at once, requests already in flight (a lease long-poll, a task's Execution
+API call relayed by the forwarder) finish on the old client, which is closed when its last one ends.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 from urllib.parse import unquote
 
@@ -74,13 +80,31 @@ class AgentAPI:
 
     def __init__(self, client: "httpx.Client") -> None:
         self._client = client
+        self._lock = threading.Lock()
+        #: Requests in flight per client (by id), and clients replaced but still in use.
+        self._inflight: dict[int, int] = {}
+        self._retired: dict[int, "httpx.Client"] = {}
 
     @property
     def base_url(self) -> str:
         return str(self._client.base_url).rstrip("/")
 
+    def replace_client(self, client: "httpx.Client") -> None:
+        """Send new requests through ``client``; close the old one once its in-flight requests end."""
+        with self._lock:
+            old, self._client = self._client, client
+            busy = self._inflight.get(id(old), 0) > 0
+            if busy:
+                self._retired[id(old)] = old
+        if not busy:
+            old.close()
+
     def close(self) -> None:
-        self._client.close()
+        with self._lock:
+            clients = [self._client, *self._retired.values()]
+            self._retired.clear()
+        for client in clients:
+            client.close()
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -109,6 +133,14 @@ class AgentAPI:
 
     def heartbeat(self, request: p.HeartbeatRequest) -> p.HeartbeatResponse:
         return self._call("POST", p.HEARTBEAT_PATH, body=request, reply=p.HeartbeatResponse)
+
+    def renew(self, request: p.RenewRequest) -> p.AgentIdentity:
+        """A new certificate for a new key, asked for under the current (still valid) certificate."""
+        return self._call("POST", p.RENEW_PATH, body=request, reply=p.AgentIdentity)
+
+    def unregister(self) -> None:
+        """Remove this agent on the server (its open jobs go back to the queue)."""
+        self._call("DELETE", p.SELF_PATH)
 
     def execution_request(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
@@ -161,6 +193,10 @@ class AgentAPI:
             if on_unauthorized is not None:
                 raise on_unauthorized(f"registration refused: {detail}")
             raise IdentityRejected(f"the gateway does not accept this agent ({detail}): re-register")
+        if code == 403 and job_route and "revoked" not in detail:
+            # A refusal about this job, not about us (a queue whose logs must stay in the region refuses
+            # log chunks with 403): taking it for a revocation would stop the agent and cancel every task.
+            raise RequestRejected(f"{what}: gateway refused the request (403): {detail}")
         if code == 403:
             raise IdentityRejected(f"this agent was revoked ({detail}): re-register with a new token", revoked=True)
         if job_route and code == 409 and (gap := _LOG_GAP.search(detail)):
@@ -182,14 +218,30 @@ class AgentAPI:
     ) -> "httpx.Response":
         import httpx
 
+        with self._lock:
+            client = self._client
+            self._inflight[id(client)] = self._inflight.get(id(client), 0) + 1
         kwargs: dict[str, Any] = {}
         if read_timeout is not None:
-            t = self._client.timeout
+            t = client.timeout
             kwargs["timeout"] = httpx.Timeout(connect=t.connect, read=read_timeout, write=t.write, pool=t.pool)
         try:
-            return self._client.request(method, path, content=content, headers=dict(headers), **kwargs)
+            return client.request(method, path, content=content, headers=dict(headers), **kwargs)
         except httpx.TransportError as exc:
             raise translate_transport_error(exc, self.base_url) from None
+        finally:
+            self._release(client)
+
+    def _release(self, client: "httpx.Client") -> None:
+        with self._lock:
+            left = self._inflight[id(client)] - 1
+            if left:
+                self._inflight[id(client)] = left
+                return
+            del self._inflight[id(client)]
+            retired = self._retired.pop(id(client), None)
+        if retired is not None:
+            retired.close()  # its last request ended after a rotation replaced it
 
 
 def translate_transport_error(exc: Exception, url: str) -> EdgeAgentError:

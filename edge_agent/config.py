@@ -26,6 +26,8 @@ ENV_CONCURRENCY = "EDGE_AGENT_CONCURRENCY"
 ENV_RUNTIME_PYTHON = "EDGE_AGENT_RUNTIME_PYTHON"
 ENV_SECRET_BACKEND = "EDGE_AGENT_SECRET_BACKEND"
 ENV_TOKEN = "EDGE_AGENT_TOKEN"
+ENV_POLICY = "EDGE_AGENT_POLICY"
+POLICY_FILE = "policy.toml"
 
 MAX_CONCURRENCY = 256
 
@@ -49,6 +51,10 @@ class AgentConfig:
     #: Directory for the forwarder's Unix socket (``$RUNTIME_DIRECTORY`` under systemd); None = a
     #: private temporary directory (Unix socket paths are limited to ~100 bytes, state dirs can be long).
     runtime_dir: Path | None = None
+    #: The local policy file (``policy.py``); None = no file given and none at the default path.
+    policy_file: Path | None = None
+    #: The operator named ``policy_file`` (option or env): a missing file is then an error, not "no policy".
+    policy_required: bool = False
 
     def __post_init__(self) -> None:
         if self.runtime_airflow_home is None:
@@ -69,6 +75,7 @@ class AgentConfig:
         runtime_python: str | None = None,
         dags_folder: Path | str | None = None,
         secret_backend: str | None = None,
+        policy: Path | str | None = None,
         lease_wait: float = 30.0,
         heartbeat_interval: float = 10.0,
         request_timeout: float = 30.0,
@@ -103,6 +110,7 @@ class AgentConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
 
         rt_dir = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0]
+        policy_file, policy_required = resolve_policy_file(policy, sd, env)
         return cls(
             state_dir=sd,
             concurrency=conc_i,
@@ -113,6 +121,8 @@ class AgentConfig:
             secret_backend=backend,
             request_timeout=float(request_timeout),
             runtime_dir=Path(rt_dir) if rt_dir else None,
+            policy_file=policy_file,
+            policy_required=policy_required,
         )
 
     @classmethod
@@ -148,6 +158,18 @@ def resolve_state_dir(option: Path | str | None, env: Mapping[str, str] | None =
         home = env.get("HOME") or str(Path.home())
         chosen = Path(home) / ".local" / "state" / "edge-agent"
     return chosen.expanduser().absolute()
+
+
+def resolve_policy_file(
+    option: Path | str | None, state_dir: Path, env: Mapping[str, str] | None = None
+) -> tuple[Path, bool]:
+    """The policy file and whether the operator named it: ``--policy`` > ``$EDGE_AGENT_POLICY`` > default."""
+    env = os.environ if env is None else env
+    if option not in (None, ""):
+        return Path(option).expanduser().absolute(), True  # type: ignore[arg-type]
+    if env.get(ENV_POLICY):
+        return Path(env[ENV_POLICY]).expanduser().absolute(), True
+    return state_dir / POLICY_FILE, False
 
 
 def read_token(
@@ -188,4 +210,4 @@ def read_token(
     return text
 
 
-__all__ = ["AgentConfig", "SECRET_BACKENDS", "SecretBackend", "read_token", "resolve_state_dir"]
+__all__ = ["AgentConfig", "SECRET_BACKENDS", "SecretBackend", "read_token", "resolve_policy_file", "resolve_state_dir"]

@@ -7,13 +7,17 @@
     │   ├── StateMissing                no identity in the state dir: run 'edge-agent register'
     │   ├── InsecureKeyFile             private key readable by group/others: refused, like ssh
     │   ├── TokenInvalid                not a registration token (typo, truncation)
-    │   └── InvalidURL                  gateway URL is not https://host[:port][/prefix]
+    │   ├── InvalidURL                  gateway URL is not https://host[:port][/prefix]
+    │   ├── PolicyError                 the local policy file is missing (when named), unreadable or malformed
+    │   └── StateDirBusy                'edge-agent run' holds the state directory
+    ├── AuditError                      the audit log cannot be opened or written: no job runs unrecorded
     ├── IdentityError                   who we are is not accepted
     │   ├── PinMismatch                 the gateway's CA is not the one the token names (abort, secret unsent)
     │   ├── ServerCertInvalid           the gateway's TLS certificate fails verification against our CA
     │   ├── RegistrationRefused         token expired, used up or unknown
     │   ├── IdentityRejected            gateway does not know (401) or revoked (403) this agent
     │   └── CertificateExpired          our client certificate has expired: re-register
+    ├── ServerNotTold                   unregister could not tell the gateway; nothing was wiped
     ├── GatewayUnreachable      (retry) connect/read failure, timeout, proxy refusal
     ├── ServerError             (retry) 5xx, 429, or a reply this agent cannot read
     ├── RequestRejected                 4xx the agent cannot fix by retrying (version skew, a bug)
@@ -27,6 +31,8 @@ and giving up.
 """
 
 from __future__ import annotations
+
+from datetime import datetime, timezone
 
 
 class EdgeAgentError(Exception):
@@ -71,6 +77,18 @@ class InvalidURL(ConfigError):
     """The gateway URL is not an https:// URL."""
 
 
+class PolicyError(ConfigError):
+    """The policy file is missing (when named explicitly), unreadable or malformed."""
+
+
+class StateDirBusy(ConfigError):
+    """Another process ('edge-agent run') holds the state directory's lock."""
+
+
+class AuditError(EdgeAgentError):
+    """The audit log cannot be opened or written: the agent must not run jobs it cannot record."""
+
+
 class IdentityError(EdgeAgentError):
     """The gateway or this agent does not accept the other's identity."""
 
@@ -101,10 +119,16 @@ class IdentityRejected(IdentityError):
 
 class CertificateExpired(IdentityError):
     def __init__(self, not_after: object) -> None:
+        if isinstance(not_after, datetime):
+            not_after = not_after.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         super().__init__(
             f"this agent's certificate expired at {not_after}: re-register with a new token "
             "('edge-agent register --force ...')"
         )
+
+
+class ServerNotTold(EdgeAgentError):
+    """``unregister`` could not tell the gateway (unreachable, certificate expired); nothing was wiped."""
 
 
 class GatewayUnreachable(EdgeAgentError):
@@ -142,6 +166,7 @@ class RuntimeUnavailable(EdgeAgentError):
 
 
 __all__ = [
+    "AuditError",
     "CertificateExpired",
     "ConfigError",
     "EdgeAgentError",
@@ -152,12 +177,15 @@ __all__ = [
     "InvalidURL",
     "LogGap",
     "PinMismatch",
+    "PolicyError",
     "RegistrationRefused",
     "RequestRejected",
     "RuntimeUnavailable",
     "ServerCertInvalid",
     "ServerError",
+    "ServerNotTold",
     "StaleLease",
+    "StateDirBusy",
     "StateMissing",
     "TokenInvalid",
 ]

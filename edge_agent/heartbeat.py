@@ -44,7 +44,7 @@ class HeartbeatLoop:
         if a.identity.expired():
             # Checked locally: under TLS 1.3 the gateway's refusal of an expired certificate only
             # shows up as a dropped connection.
-            a.fail(CertificateExpired(a.identity.cert_not_after.isoformat()))
+            a.fail(CertificateExpired(a.identity.cert_not_after))
             return
         request = HeartbeatRequest(
             free_slots=a.jobs.free_slots(),

@@ -1,9 +1,11 @@
 """The lease loop: asks the gateway for work only while there is a free slot and the agent is not stopping.
 
 Each request is a long-poll (``config.lease_wait``): the gateway answers the moment an eligible job
-exists, or with no lease when the wait ends. A lease goes into the job table (the slot is busy from
-now until the final report) and to the runtime; it is reported RUNNING only when the runtime says the
-supervisor started (``logship.py``), never here.
+exists, or with no lease when the wait ends. Each lease is judged by the local policy first
+(``policy.decide``) and the decision recorded in the audit log; only an accepted one goes to the
+runtime. Either way it goes into the job table (the slot is busy until the final report, REFUSED for
+a refused one). It is reported RUNNING only when the runtime says the supervisor started
+(``logship.py``), never here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from edge_agent.backoff import Backoff
 from edge_agent.errors import CertificateExpired, EdgeAgentError, IdentityRejected, RuntimeUnavailable
+from edge_agent.policy import decide
 from edge_agent.protocol import Lease
 
 if TYPE_CHECKING:
@@ -76,12 +79,11 @@ class LeaseLoop:
 
     def _start(self, lease: Lease) -> None:
         a = self.agent
-        if not a.jobs.add(lease):
-            log.warning("lease of job %s arrived while stopping; the gateway will requeue it", lease.job_id)
-            return
         log.info("leased job %s: %s.%s run %s try %d (fencing %d)", lease.job_id, lease.dag_id,
                  lease.task_id, lease.run_id, lease.try_number, lease.fencing)
-        a.publish()
+        # Decided here, before the runtime sees anything of the job.
+        if not a.admit(lease, decide(a.policy, lease)):
+            return
         a.status.activity("lease", f"starting job {lease.job_id}")
         assert a.runtime is not None  # loops start after the runtime
         try:

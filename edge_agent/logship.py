@@ -10,6 +10,11 @@ finished task with a truncated log.
 While a task runs only whole lines are sent (the hosted side may parse the JSON lines at any time);
 the final flush sends the rest. Chunks the gateway already has are deduplicated by offset there, so
 a chunk whose reply was lost is simply sent again.
+
+A job whose lease says ``log_policy: local`` (its queue's logs must stay in the agent's region) gets
+no log chunk at all, and its final report carries no reason (a reason can quote the task's output);
+its log stays in the agent's log folder. A job the local policy refused gets one report, REFUSED
+with the policy's reason, and nothing else.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from edge_agent.errors import (
     RequestRejected,
     StaleLease,
 )
-from edge_agent.protocol import MAX_LOG_CHUNK_BYTES, JobReport, JobState, LogChunk
+from edge_agent.protocol import MAX_LOG_CHUNK_BYTES, JobReport, JobState, LogChunk, LogPolicy
 from edge_agent.runtime import EXIT_DUPLICATE
 
 if TYPE_CHECKING:
@@ -96,18 +101,22 @@ class LogShipper:
         a = self.agent
         with a.cond:
             lost, started, exited, running_reported = rec.lost, rec.started, rec.exited, rec.running_reported
-            log_file, exit_code, reason = rec.log_file, rec.exit_code, rec.reason
+            log_file, exit_code, reason, refused = rec.log_file, rec.exit_code, rec.reason, rec.refused
         fencing = rec.lease.fencing
         if lost:
             if exited:
                 a.job_done(rec.job_id)
             return
+        if refused is not None:
+            self._report_refused(rec, refused)
+            return
+        hosted_logs = rec.lease.log_policy is not LogPolicy.LOCAL
         if started and not running_reported:
             a.api.report_state(rec.job_id, JobReport(fencing=fencing, state=JobState.RUNNING))
             with a.cond:
                 rec.running_reported = True
             a.status.gateway(True)
-        if log_file is not None and rec.job_id not in self._logs_refused:
+        if hosted_logs and log_file is not None and rec.job_id not in self._logs_refused:
             try:
                 self._ship_log(rec, log_file, final=exited)
             except RequestRejected as exc:
@@ -119,12 +128,12 @@ class LogShipper:
             log.warning("job %s: task instance already running elsewhere; not reporting it", rec.job_id)
             a.job_done(rec.job_id)
             return
-        if exited and reason and not rec.reason_logged:
+        if exited and reason and not rec.reason_logged and hosted_logs:
             self._log_reason(rec, reason, exit_code)
         if exited:
             state = JobState.SUCCESS if exit_code == 0 else JobState.FAILED
             report = JobReport(fencing=fencing, state=state, exit_code=exit_code,
-                               reason=(reason or "")[:4000] or None)
+                               reason=((reason or "")[:4000] or None) if hosted_logs else None)
             try:
                 a.api.report_state(rec.job_id, report)
             except RequestRejected as exc:
@@ -134,6 +143,18 @@ class LogShipper:
                 a.status.gateway(True)
             self._logs_refused.discard(rec.job_id)
             a.job_done(rec.job_id)
+
+    def _report_refused(self, rec: "JobRecord", reason: str) -> None:
+        a = self.agent
+        report = JobReport(fencing=rec.lease.fencing, state=JobState.REFUSED, reason=reason[:4000])
+        try:
+            a.api.report_state(rec.job_id, report)
+        except RequestRejected as exc:
+            log.error("gateway refused the REFUSED report of job %s: %s; giving the slot back", rec.job_id, exc)
+        else:
+            log.info("job %s reported refused", rec.job_id)
+            a.status.gateway(True)
+        a.job_done(rec.job_id)
 
     def _log_reason(self, rec: "JobRecord", reason: str, exit_code: int | None) -> None:
         """Append the runtime's reason (job not started, cancelled, runtime lost) to the hosted log.

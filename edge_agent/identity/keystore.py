@@ -6,6 +6,8 @@ Layout in the state directory (mode 0700)::
     ca.pem          the CA bundle this agent trusts for the gateway
     agent.pem       this agent's client certificate
     agent.key       its private key (0600), unless the key is kept in the OS keyring
+    rotation.json   only during a certificate rotation: the new identity, with agent.key.next and
+                    agent.pem.next (or the keyring entry '<user>#next') holding the new key and certificate
 
 Backends: ``file`` always uses ``agent.key``; ``keyring`` requires a usable OS keyring; ``auto`` uses
 the keyring only when the active backend is a recommended one. On a headless Linux host keyring falls
@@ -15,13 +17,23 @@ secrets base64-encoded in a plain file: ``auto`` rejects both and uses the 0600 
 Every file is written to a temporary name, fsynced and renamed over the old one, so a crash or a full
 disk leaves either the old file or the new one, never a torn key. ``identity.json`` is written last:
 it is the commit point of a registration.
+
+A rotation replaces two files that must match (key and certificate), which no single rename can do.
+:meth:`Keystore.save_rotated` therefore stages both next to the current ones, then writes
+``rotation.json`` (the commit point), then copies the staged pair over the current one. A crash
+before the commit point leaves the old pair; after it, the next :meth:`Keystore.load` finishes the
+copy. Without this, a crash between the two writes would leave a key and a certificate that do not
+belong together, and the agent could only be re-registered with a new token.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +47,10 @@ IDENTITY_FILE = "identity.json"
 CA_FILE = "ca.pem"
 CERT_FILE = "agent.pem"
 KEY_FILE = "agent.key"
+PENDING_FILE = "rotation.json"
+NEXT_KEY_FILE = "agent.key.next"
+NEXT_CERT_FILE = "agent.pem.next"
+LOCK_FILE = "keystore.lock"
 FORMAT_VERSION = 1
 
 KeyStorage = Literal["keyring", "file"]
@@ -117,6 +133,10 @@ class Keystore:
 
     def load(self) -> StoredIdentity:
         """Read the identity; raise :class:`StateMissing` if there is none, ConfigError if it is damaged."""
+        if (self.state_dir / PENDING_FILE).exists():
+            with self._locked():
+                if (self.state_dir / PENDING_FILE).exists():  # another process may have just finished it
+                    self._finish_rotation()
         try:
             raw = self.identity_path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -128,7 +148,7 @@ class Keystore:
             storage: KeyStorage = meta["key_storage"]
             cert_pem = self._read_text(CERT_FILE)
             ca_pem = self._read_text(CA_FILE)
-            key_pem = self._read_key(storage)
+            key_pem = self._read_key(storage, self.key_path, self._keyring_user)
             identity = StoredIdentity(
                 agent_id=str(meta["agent_id"]),
                 name=str(meta["name"]),
@@ -155,19 +175,18 @@ class Keystore:
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
 
-    def _read_key(self, storage: KeyStorage) -> bytes:
+    def _read_key(self, storage: KeyStorage, path: Path, keyring_user: str) -> bytes:
         if storage == "keyring":
             import keyring
             import keyring.errors
 
             try:
-                value = keyring.get_password(KEYRING_SERVICE, self._keyring_user)
+                value = keyring.get_password(KEYRING_SERVICE, keyring_user)
             except keyring.errors.KeyringError as exc:
                 raise ConfigError(f"the private key is kept in the OS keyring, which failed: {exc}") from None
             if value is None:
                 raise ConfigError(f"the private key for {self.state_dir} is missing from the OS keyring: re-register")
             return value.encode("ascii")
-        path = self.key_path
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -186,6 +205,9 @@ class Keystore:
     def save(self, identity: StoredIdentity) -> KeyStorage:
         """Store the identity; returns where the key went. identity.json is written last (commit point)."""
         storage = self.prepare()
+        with self._locked():
+            # A rotation of the identity being replaced must not be finished over the new one later.
+            self._discard_rotation()
         previous = self._stored_key_storage()
         if storage == "keyring":
             import keyring
@@ -207,6 +229,81 @@ class Keystore:
         atomic_write(self.identity_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"), 0o644)
         return storage
 
+    def save_rotated(self, identity: StoredIdentity) -> None:
+        """Replace key, certificate and CA bundle of the stored identity (rotation); crash-safe, see the module doc.
+
+        The key stays where the registration put it (file or keyring).
+        """
+        with self._locked():
+            storage = self._stored_key_storage()
+            if storage not in ("file", "keyring"):
+                raise StateMissing(self.state_dir)
+            self._discard_rotation()
+            self._write_key(storage, identity.key_pem, self.state_dir / NEXT_KEY_FILE, self._keyring_next)
+            atomic_write(self.state_dir / NEXT_CERT_FILE, identity.cert_pem.encode("ascii"), 0o644)
+            meta = {"format": FORMAT_VERSION, **identity.public_summary(), "key_storage": storage,
+                    "ca_pems": list(identity.ca_pems)}
+            atomic_write(self.state_dir / PENDING_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8"), 0o644)
+            self._finish_rotation()
+
+    def _finish_rotation(self) -> None:
+        """Copy the staged pair over the current one (idempotent); call with the keystore lock held."""
+        pending = self.state_dir / PENDING_FILE
+        try:
+            meta = json.loads(pending.read_text(encoding="utf-8"))
+            storage: KeyStorage = meta.pop("key_storage")
+            ca_pems = [str(p) for p in meta.pop("ca_pems")]
+            key_pem = self._read_key(storage, self.state_dir / NEXT_KEY_FILE, self._keyring_next)
+            cert_pem = self._read_text(NEXT_CERT_FILE)
+        except (OSError, KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ConfigError(
+                f"an interrupted certificate rotation in {self.state_dir} cannot be completed ({exc}): "
+                "re-register with --force"
+            ) from None
+        self._write_key(storage, key_pem, self.key_path, self._keyring_user)
+        atomic_write(self.state_dir / CERT_FILE, cert_pem.encode("ascii"), 0o644)
+        atomic_write(self.state_dir / CA_FILE, "".join(_ensure_nl(p) for p in ca_pems).encode("ascii"), 0o644)
+        meta["key_storage"] = storage
+        atomic_write(self.identity_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"), 0o644)
+        _unlink(pending)
+        fsync_dir(self.state_dir)
+        self._discard_rotation()
+
+    def _discard_rotation(self) -> None:
+        """Remove a rotation record and staged copies (none of them is current)."""
+        _unlink(self.state_dir / PENDING_FILE)
+        for name in (NEXT_KEY_FILE, NEXT_CERT_FILE):
+            _unlink(self.state_dir / name)
+        if self._stored_key_storage() == "keyring":
+            self._delete_keyring_entry(self._keyring_next)
+
+    def _write_key(self, storage: str, key_pem: bytes, path: Path, keyring_user: str) -> None:
+        if storage == "keyring":
+            import keyring
+            import keyring.errors
+
+            try:
+                keyring.set_password(KEYRING_SERVICE, keyring_user, key_pem.decode("ascii"))
+            except keyring.errors.KeyringError as exc:
+                raise ConfigError(f"could not store the private key in the OS keyring: {exc}") from None
+        else:
+            atomic_write(path, key_pem, 0o600)
+
+    @property
+    def _keyring_next(self) -> str:
+        return f"{self._keyring_user}#next"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise rotation, its completion in load() and registration across processes."""
+        self._ensure_dir()
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def prepare(self) -> KeyStorage:
         """Check, before anything irreversible (a token is single-use), that a key can be stored here."""
         storage = self.storage_for_save()
@@ -222,12 +319,12 @@ class Keystore:
             return None
         return value if isinstance(value, str) else None
 
-    def _delete_keyring_entry(self) -> None:
+    def _delete_keyring_entry(self, user: str | None = None) -> None:
         import keyring
         import keyring.errors
 
         try:
-            keyring.delete_password(KEYRING_SERVICE, self._keyring_user)
+            keyring.delete_password(KEYRING_SERVICE, user or self._keyring_user)
         except keyring.errors.KeyringError:
             pass  # already gone, or the keyring is unavailable now: nothing else we can do
 
@@ -245,9 +342,11 @@ class Keystore:
         """Forget the identity. identity.json goes first, so an interrupted wipe reads as 'no identity'."""
         storage = self._stored_key_storage()
         _unlink(self.identity_path)
+        _unlink(self.state_dir / PENDING_FILE)
         if storage == "keyring":
             self._delete_keyring_entry()
-        for name in (KEY_FILE, CERT_FILE, CA_FILE):
+            self._delete_keyring_entry(self._keyring_next)
+        for name in (KEY_FILE, CERT_FILE, CA_FILE, NEXT_KEY_FILE, NEXT_CERT_FILE, LOCK_FILE):
             _unlink(self.state_dir / name)
         fsync_dir(self.state_dir)
 

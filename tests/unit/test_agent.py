@@ -48,12 +48,16 @@ class FakeGateway:
 
     # -- test side ------------------------------------------------------------------------------
 
-    def queue(self, job_id: str) -> None:
+    def queue(self, job_id: str, *, dag_id: str = "dag", queue: str = "default",
+              log_policy: p.LogPolicy = p.LogPolicy.HOSTED) -> None:
         with self.cond:
             self.fencing += 1
             self.leases.append(p.Lease(
-                job_id=job_id, fencing=self.fencing, queue="default", dag_id="dag", task_id=f"task_{job_id}",
-                run_id="run1", map_index=-1, try_number=1, workload={"ti": {"id": job_id}, "token": "jwt"},
+                job_id=job_id, fencing=self.fencing, queue=queue, dag_id=dag_id, task_id=f"task_{job_id}",
+                run_id="run1", map_index=-1, try_number=1, log_policy=log_policy,
+                workload={"ti": {"id": job_id, "dag_id": dag_id, "task_id": f"task_{job_id}", "run_id": "run1",
+                                 "map_index": -1, "try_number": 1, "queue": queue},
+                          "bundle_info": {"name": "dags-folder", "version": None}, "token": "jwt"},
                 lease_expires_at=datetime.now(timezone.utc) + timedelta(minutes=1)))
             self.cond.notify_all()
 
@@ -192,7 +196,7 @@ def identity() -> StoredIdentity:
 
 class Harness:
     def __init__(self, tmp_path: Path, identity: StoredIdentity, concurrency: int,
-                 api_factory: Callable[[], AgentAPI] | None = None) -> None:
+                 api_factory: Callable[[], AgentAPI] | None = None, **agent_kwargs: Any) -> None:
         self.gw = FakeGateway()
         self.config = AgentConfig(state_dir=tmp_path, concurrency=concurrency, lease_wait=2.0,
                                   heartbeat_interval=0.5, request_timeout=10.0)
@@ -209,7 +213,7 @@ class Harness:
             return AgentAPI(httpx.Client(base_url="https://gw.test", transport=httpx.MockTransport(self.gw.handle)))
 
         self.agent = Agent(self.config, identity, api_factory_override or api_factory,
-                           runtime_factory=runtime_factory, cancel_grace=WAIT)
+                           runtime_factory=runtime_factory, cancel_grace=WAIT, **agent_kwargs)
         self.result: dict[str, Any] = {}
         self.thread = threading.Thread(target=self._run, name="agent-under-test")
 
@@ -242,8 +246,8 @@ class Harness:
 def harness(tmp_path: Path, identity: StoredIdentity) -> Iterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
-    def make(concurrency: int = 2, ident: StoredIdentity = identity, api_factory=None) -> Harness:
-        h = Harness(tmp_path, ident, concurrency, api_factory)
+    def make(concurrency: int = 2, ident: StoredIdentity = identity, api_factory=None, **agent_kwargs) -> Harness:
+        h = Harness(tmp_path, ident, concurrency, api_factory, **agent_kwargs)
         made.append(h)
         return h
 
@@ -563,6 +567,97 @@ def test_certificate_dropped_at_tls_level_stops_the_agent(harness) -> None:
         server.shutdown()
         server.server_close()
         serving.join()
+
+
+# -- local policy, audit log, log policy ----------------------------------------------------------
+
+
+def audit_entries(h: Harness) -> list[dict]:
+    return [json.loads(line) for line in (h.config.state_dir / "audit.log").read_text().splitlines()]
+
+
+def test_refused_job_is_reported_with_its_reason_and_never_reaches_the_runtime(harness, tmp_path: Path) -> None:
+    from edge_agent.audit import verify
+    from edge_agent.policy import Policy
+
+    policy = Policy(source=tmp_path / "policy.toml", allowed_dags=("finance_*",))
+    h = harness(policy=policy).start()
+    h.gw.queue("bad", dag_id="hr_payroll")
+    h.gw.queue("good", dag_id="finance_daily")
+    h.gw.wait_for(lambda: h.gw.states("bad") and h.gw.states("good"), "both reports")
+    reason = f"dag 'hr_payroll' not in allowed_dags of {tmp_path / 'policy.toml'}"
+    assert h.gw.states("bad") == [{"fencing": 1, "state": "refused", "exit_code": None, "reason": reason}]
+    assert h.rt.submitted == ["good"]  # the refused job never reached the runtime
+    assert "bad" not in h.gw.logs
+    h.rt.finish("good", 0)
+    h.gw.wait_for(lambda: len(h.gw.states("good")) == 2, "final report of the accepted job")
+    h.gw.wait_for(lambda: h.agent.jobs.free_slots() == 2, "slots released")
+    h.agent.stop_gracefully("test")
+    assert h.join() == {"code": 0}
+
+    entries = audit_entries(h)
+    decisions = {e["job_id"]: e for e in entries if e["event"] == "decision"}
+    assert decisions["bad"]["decision"] == "refused" and decisions["bad"]["reason"] == reason
+    assert decisions["bad"]["ti"] == {"dag_id": "hr_payroll", "task_id": "task_bad", "run_id": "run1",
+                                      "map_index": -1, "try_number": 1}
+    assert decisions["good"]["decision"] == "accepted" and decisions["good"]["queue"] == "default"
+    assert decisions["good"]["bundle"] == "dags-folder" and decisions["good"]["logs"] == "hosted"
+    (finish,) = [e for e in entries if e["event"] == "finish"]
+    assert finish["job_id"] == "good" and finish["exit_code"] == 0
+    assert verify(h.config.state_dir).ok
+
+
+def test_an_audit_log_that_cannot_be_written_refuses_the_job_and_stops_the_agent(harness) -> None:
+    from edge_agent.errors import AuditError
+
+    h = harness().start()
+    h.gw.wait_for(lambda: h.gw.count(p.LEASE_PATH) >= 1, "first lease request")
+    assert h.agent.audit is not None
+
+    def broken(*args: Any, **kwargs: Any) -> dict:
+        raise AuditError("cannot write the audit log: No space left on device")
+
+    h.agent.audit.append = broken  # type: ignore[method-assign]
+    h.gw.queue("j1")
+    h.gw.wait_for(lambda: h.gw.states("j1"), "refusal")
+    assert h.gw.states("j1")[0]["state"] == "refused" and "No space left" in h.gw.states("j1")[0]["reason"]
+    assert h.rt.submitted == []
+    error = h.join().get("error")
+    assert isinstance(error, AuditError)
+
+
+def test_local_log_policy_ships_no_log_and_no_reason(harness) -> None:
+    h = harness().start()
+    h.rt.not_started["j2"] = (EXIT_NOT_STARTED, "DAG file dags/x.py not found on this agent")
+    h.gw.queue("j1", log_policy=p.LogPolicy.LOCAL)
+    h.gw.queue("j2", log_policy=p.LogPolicy.LOCAL)
+    h.gw.wait_for(lambda: h.gw.states("j1") and h.gw.states("j2"), "reports")
+    h.rt.write("j1", '{"event": "customer data"}\n')
+    h.rt.finish("j1", 1, "task failed with secret detail")
+    h.gw.wait_for(lambda: len(h.gw.states("j1")) == 2, "final report")
+    assert h.gw.states("j1") == [{"fencing": 1, "state": "running", "exit_code": None, "reason": None},
+                                 {"fencing": 1, "state": "failed", "exit_code": 1, "reason": None}]
+    assert h.gw.states("j2") == [{"fencing": 2, "state": "failed", "exit_code": EXIT_NOT_STARTED, "reason": None}]
+    assert not any("/logs" in path for path in h.gw.paths())  # not one chunk left the machine
+    assert b"customer data" in (h.config.log_folder / "dag_id=dag/j1.log").read_bytes()  # kept locally
+    h.agent.stop_gracefully("test")
+    assert h.join() == {"code": 0}
+    assert {e["logs"] for e in audit_entries(h) if e.get("job_id") == "j1"} == {"local"}
+
+
+def test_the_audit_chain_survives_a_restart(harness) -> None:
+    from edge_agent.audit import verify
+
+    for job in ("a", "b"):
+        h = harness().start()
+        h.gw.queue(job)
+        h.gw.wait_for(lambda: h.gw.states(job), "running")
+        h.rt.finish(job, 0)
+        h.gw.wait_for(lambda: len(h.gw.states(job)) == 2, "final report")
+        h.agent.stop_gracefully("test")
+        assert h.join() == {"code": 0}
+    result = verify(h.config.state_dir)
+    assert result.ok and result.entries == 4
 
 
 # -- read_chunk ---------------------------------------------------------------------------------

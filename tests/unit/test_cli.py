@@ -149,3 +149,28 @@ def test_status_shows_what_a_running_agent_does(tmp_path: Path) -> None:
     assert f"pid {os.getpid()}" in out and "draining" in out
     assert "1 free of 2" in out and "stopped: not asking for work" in out
     assert "j1  etl.load  run r1  try 2  running  pid 4242" in out
+
+
+def test_run_with_a_malformed_policy_names_file_and_key(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('allowed_dags = "finance_*"\n')
+    result = runner.invoke(app, ["run", "--state-dir", str(tmp_path), "--policy", str(policy)])
+    assert_one_line_error(result, 2, f"policy file {policy}: key 'allowed_dags' must be a list")
+    (tmp_path / "policy.toml").write_text("allowed_dagz = []\n")  # the default path is read too
+    result = runner.invoke(app, ["run", "--state-dir", str(tmp_path)])
+    assert_one_line_error(result, 2, "unknown key 'allowed_dagz'")
+
+
+def test_run_with_a_named_policy_that_is_missing(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", "--state-dir", str(tmp_path)],
+                           env={"EDGE_AGENT_POLICY": str(tmp_path / "missing.toml")})
+    assert_one_line_error(result, 2, "missing.toml does not exist")
+
+
+def test_status_says_how_to_recover_from_an_expired_certificate(tmp_path: Path) -> None:
+    Keystore(tmp_path, "file").save(
+        stored_identity("https://127.0.0.1:1", expires=datetime.now(timezone.utc) - timedelta(hours=1)))
+    report = json.loads(runner.invoke(app, ["status", "--state-dir", str(tmp_path), "--json"]).stdout)
+    assert report["certificate_expired"] is True
+    assert "certificate expired at" in report["gateway"]["error"]
+    assert "edge-agent register --force" in report["gateway"]["error"]

@@ -122,6 +122,28 @@ def test_403_means_revoked() -> None:
     assert "revoked" in str(info.value)
 
 
+def test_a_403_about_a_job_is_not_a_revocation() -> None:
+    # The gateway refuses log chunks of a queue whose logs stay local with 403: that must not stop the agent.
+    chunk = p.LogChunk(fencing=1, offset=0, data="x\n")
+    with pytest.raises(RequestRejected, match="keeps task logs in the agent's region"):
+        api_for(reply(403, {"detail": "this job's queue policy keeps task logs in the agent's region"})).push_logs(
+            "j1", chunk)
+    with pytest.raises(IdentityRejected) as info:
+        api_for(reply(403, {"detail": "agent ag_1 is revoked"})).push_logs("j1", chunk)
+    assert info.value.revoked
+
+
+def test_unregister_route() -> None:
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        return httpx.Response(204)
+
+    api_for(handler).unregister()
+    assert seen == [("DELETE", p.SELF_PATH)]
+
+
 @pytest.mark.parametrize("status", [404, 409])
 def test_job_routes_map_404_and_409_to_stale_lease(status: int) -> None:
     api = api_for(reply(status, {"detail": "stale fencing id"}))

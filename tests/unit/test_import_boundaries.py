@@ -29,6 +29,11 @@ CONTROL_MODULES = [
     "edge_agent.observability.status",
     "edge_agent.runtime",
     "edge_agent.forwarder",
+    "edge_agent.policy",
+    "edge_agent.audit",
+    "edge_agent.rotation",
+    "edge_agent.statelock",
+    "edge_agent.identity.unregister",
 ]
 
 
