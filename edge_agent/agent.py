@@ -45,6 +45,7 @@ from edge_agent.identity.keystore import Keystore, StoredIdentity
 from edge_agent.observability.status import StatusBoard
 from edge_agent.policy import Decision, Policy, facts
 from edge_agent.protocol import Lease, RunningJob
+from edge_agent.sdnotify import Notifier, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ class Agent:
         self.api: Any = None
         self.runtime: RuntimeLike | None = None
         self.socket_path: Path | None = None
+        #: systemd notifications (READY, WATCHDOG, STOPPING); a no-op outside a Type=notify service.
+        self._notifier = Notifier.from_env()
 
     # -- stop requests: only touch the RLock'd condition (safe from a signal handler) ----------
 
@@ -428,6 +431,7 @@ class Agent:
         tmp_dir: str | None = None
         forwarder: ForwarderLike | None = None
         threads: dict[str, threading.Thread] = {}
+        watchdog: Watchdog | None = None
         try:
             self.status.set(agent_id=self.identity.agent_id, name=self.identity.name, url=self.identity.url,
                             state="starting", policy=self.policy.describe())
@@ -471,8 +475,14 @@ class Agent:
                 threads[name] = t
             self._serving = True
             log.info("agent %s running with %d slots", self.identity.agent_id, self.config.concurrency)
+            # systemd (Type=notify): ready only once the runtime and the loops run; the watchdog is
+            # fed only while every loop thread lives, so a wedged agent is restarted.
+            self._notifier.ready(f"serving {self.config.concurrency} slots as {self.identity.agent_id}")
+            watchdog = Watchdog(self._notifier, lambda: all(t.is_alive() for t in threads.values())).start()
             self._supervise()
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             self._teardown(threads, forwarder)
             if tmp_dir is not None:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -551,6 +561,7 @@ class Agent:
             self.status.activity("agent", "running")
             return
         log.info("%s: %s", phase.value, self.stop_reason)
+        self._notifier.stopping(f"{phase.value}: {self.stop_reason}")
         if phase is Phase.DRAINING:
             self.status.activity("agent", f"draining ({self.stop_reason}): no new work, waiting for running jobs")
             return

@@ -134,6 +134,16 @@ def run(
         help="Local policy file narrowing which DAGs, bundles and queues this agent runs (TOML; default "
              "<state dir>/policy.toml if it exists; $EDGE_AGENT_POLICY).",
     ),
+    url: Optional[str] = typer.Option(
+        None, "--url", envvar="EDGE_AGENT_URL",
+        help="Gateway URL for the first start, when there is no identity yet and a registration token is "
+             "given ($EDGE_AGENT_URL).",
+    ),
+    token_file: Optional[Path] = typer.Option(
+        None, "--token-file",
+        help="Register with this token file first if there is no identity yet (also "
+             "$EDGE_AGENT_TOKEN_FILE or the systemd credential 'registration-token'); ignored afterwards.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
     """Lease and run tasks until stopped.
@@ -148,9 +158,11 @@ def run(
     from edge_agent.agent import Agent
     from edge_agent.client import AgentAPI
     from edge_agent.config import AgentConfig
+    from edge_agent.identity.enroll import register as enroll
     from edge_agent.identity.keystore import Keystore
     from edge_agent.observability import configure_logging
     from edge_agent.policy import load_policy
+    from edge_agent.service import first_start_token
     from edge_agent.transport import build_client
 
     configure_logging(verbose)
@@ -160,6 +172,10 @@ def run(
     )
     local_policy = load_policy(config.policy_file, required=config.policy_required)
     keystore = Keystore(config.state_dir, config.secret_backend)
+    first = first_start_token(has_identity=keystore.exists(), url=url, token_file=token_file)
+    if first is not None:
+        # A service's first start: register from the token it was installed with, then run.
+        enroll(first.url, first.token, None, keystore, __version__, timeout=config.request_timeout)
     identity = keystore.load()
 
     def client_factory(ident: "StoredIdentity") -> Any:
@@ -203,6 +219,71 @@ def status(
     else:
         _print_status(identity, report)
     raise typer.Exit(0 if report["gateway"]["accepted"] else 1)
+
+
+@app.command()
+def health(
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    max_age: float = typer.Option(
+        90.0, "--max-age", help="Seconds since the last heartbeat attempt before the agent counts as stuck."
+    ),
+) -> None:
+    """Exit 0 when the local 'edge-agent run' is alive and making progress (container/Kubernetes probe).
+
+    Looks only at this machine: a gateway outage does not make the agent unhealthy, because
+    restarting it would only kill its running tasks. Use 'status' to check the gateway.
+    """
+    from edge_agent.config import resolve_state_dir
+    from edge_agent.observability.status import STATUS_FILE, read_status
+    from edge_agent.service import health as check_health
+
+    result = check_health(read_status(resolve_state_dir(state_dir) / STATUS_FILE), heartbeat_max_age=max_age)
+    typer.echo(result.reason)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def doctor(
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    url: Optional[str] = typer.Option(
+        None, "--url", help="Check this gateway before registering (with --token-file for the CA pin)."
+    ),
+    token_file: Optional[str] = typer.Option(
+        None, "--token-file", help="Registration token whose CA pin the gateway must match ('-' = stdin)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per network step."),
+) -> None:
+    """Check the way to the gateway: DNS, TCP, proxy, TLS, CA pin, interception, clock skew, identity.
+
+    Each failed check comes with a one-line fix. Exits 0 only when every check passes.
+    """
+    from edge_agent.doctor import diagnose, format_report
+
+    if url:
+        from edge_agent.config import read_token
+        from edge_agent.errors import TokenInvalid
+        from edge_agent.protocol import RegistrationToken, TokenFormatError
+
+        pins: list[bytes] = []
+        if token_file:
+            try:
+                pins = [RegistrationToken.parse(read_token(None, token_file)).ca_pin]
+            except TokenFormatError as exc:
+                raise TokenInvalid(str(exc)) from None
+        report = diagnose(url, pins=pins, timeout=timeout)
+    else:
+        from edge_agent.config import resolve_state_dir
+        from edge_agent.identity.keystore import Keystore
+
+        identity = Keystore(resolve_state_dir(state_dir)).load()
+        report = diagnose(identity.url, ca_pems=identity.ca_pems, identity=identity, timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        for line in format_report(report):
+            typer.echo(line)
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command()

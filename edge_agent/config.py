@@ -93,7 +93,14 @@ class AgentConfig:
         if not 1 <= conc_i <= MAX_CONCURRENCY:
             raise ConfigError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {conc_i}")
 
-        python = runtime_python or env.get(ENV_RUNTIME_PYTHON) or sys.executable
+        python = runtime_python or env.get(ENV_RUNTIME_PYTHON)
+        if not python:
+            if getattr(sys, "frozen", False):  # a standalone binary: sys.executable is the binary itself
+                raise ConfigError(
+                    "this edge-agent is a standalone binary with no Python to run tasks: pass --runtime-python "
+                    f"PATH (or ${ENV_RUNTIME_PYTHON}) naming a Python with apache-airflow-task-sdk and edge-agent"
+                )
+            python = sys.executable
         if not (os.path.isfile(python) and os.access(python, os.X_OK)):
             raise ConfigError(f"runtime python {python} is not an executable file (--runtime-python)")
 

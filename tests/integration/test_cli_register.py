@@ -111,3 +111,57 @@ def test_wrong_url(url, tmp_path):
 def test_run_without_identity(tmp_path):
     result = run_cli("run", "--state-dir", str(tmp_path / "empty"))
     assert "register" in one_line_error(result)
+
+
+def test_first_start_registers_from_a_token_file_then_runs(gateway, tmp_path):
+    """What a systemd service or a container does: 'run' with a token and no identity yet."""
+    import signal
+    import time
+
+    token = gateway.mint_token(queues=["q-first-start"])
+    token_file = tmp_path / "registration-token"
+    token_file.write_text(str(token))
+    token_file.chmod(0o600)
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "EDGE_AGENT"))}
+    env["EDGE_AGENT_SECRET_BACKEND"] = "file"
+    proc = subprocess.Popen(
+        [EDGE_AGENT, "run", "--state-dir", str(state), "--url", gateway.url, "--token-file", str(token_file),
+         "--concurrency", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        healthy = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            healthy = run_cli("health", "--state-dir", str(state))
+            if healthy.returncode == 0:
+                break
+            time.sleep(1)
+        assert healthy is not None and healthy.returncode == 0, (healthy and healthy.stdout, proc.poll())
+        assert stat.S_IMODE((state / "agent.key").stat().st_mode) == 0o600
+        doctor = run_cli("doctor", "--state-dir", str(state), "--json")
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        checks = {c["name"]: c["status"] for c in json.loads(doctor.stdout)["checks"]}
+        assert checks["ca_pin"] == "ok" and checks["identity"] == "ok", checks
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    # The token was used once: a second start must not try to register again.
+    assert run_cli("health", "--state-dir", str(state)).returncode == 1  # stopped now
+
+
+def test_doctor_before_registration_checks_the_pin(gateway, tmp_path):
+    token = gateway.mint_token(queues=["q-cli"])
+    ok = run_cli("doctor", "--url", gateway.url, "--token-file", "-", stdin=str(token))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    foreign = RegistrationToken(token_id="abcdefgh", secret="a" * 26, ca_pin=bytes(32))
+    bad = run_cli("doctor", "--url", gateway.url, "--token-file", "-", stdin=str(foreign))
+    assert bad.returncode == 1
+    assert "ca_pin" in bad.stdout and "fix:" in bad.stdout
+
+
+def test_health_without_a_running_agent(tmp_path):
+    result = run_cli("health", "--state-dir", str(tmp_path))
+    assert result.returncode == 1 and "no status file" in result.stdout

@@ -73,7 +73,6 @@ def test_register_and_run_a_job_with_the_frozen_binary(onedir_binary, gateway, t
     assert row.state == "failed" and row.reason, row
 
 
-@pytest.mark.xfail(strict=True, reason="needs the frozen-binary check in edge_agent/config.py (issue 6 report)")
 def test_frozen_run_without_runtime_python_says_what_to_do(onedir_binary, tmp_path) -> None:
     # sys.executable is the binary itself when frozen: it cannot run 'python -m edge_agent.runtime.zygote'.
     result = run(onedir_binary, "run", "--state-dir", str(tmp_path / "state"))

@@ -14,6 +14,9 @@ import pytest
 FORBIDDEN = ("airflow", "sqlalchemy", "fastapi", "starlette", "executor_plugin")
 
 CONTROL_MODULES = [
+    "edge_agent.sdnotify",
+    "edge_agent.service",
+    "edge_agent.doctor",
     "edge_agent.cli",
     "edge_agent.agent",
     "edge_agent.protocol",
