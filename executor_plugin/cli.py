@@ -1,8 +1,16 @@
 """``airflow edge-agents ...``: the admin commands of the hosted side.
 
     airflow edge-agents ca init [--json]
+    airflow edge-agents ca rotate [--json]
+    airflow edge-agents ca retire-old [--force] [--json]
     airflow edge-agents token create --queue Q [--queue Q2] --region R [--ttl 1h] [--uses 1] [--name N] [--json]
+    airflow edge-agents queue set QUEUE [--regions R1,R2] [--logs hosted|local] [--json]
+    airflow edge-agents queue list [--json]
+    airflow edge-agents queue delete QUEUE
     airflow edge-agents list [--json]
+    airflow edge-agents revoke AGENT [--json]
+    airflow edge-agents drain AGENT [--json]
+    airflow edge-agents resume AGENT [--json]
     airflow edge-agents gateway [--host 127.0.0.1] [--port 8443]
 
 Airflow imports this module in every ``airflow`` command (provider info ``cli``), so at import time
@@ -210,6 +218,74 @@ def ca_init(args: argparse.Namespace) -> None:
 
 @_one_line_errors
 @_audited
+def ca_rotate(args: argparse.Namespace) -> None:
+    """Make a new CA current; the previous one stays trusted until ``ca retire-old``."""
+    from executor_plugin.pki import CertificateAuthority
+
+    settings = _settings()
+    ca, old_pin = CertificateAuthority.rotate(settings.ca_dir)
+    if args.json:
+        _print_json(
+            {"ca_dir": str(settings.ca_dir), "pin": f"sha256:{ca.pin.hex()}", "previous_pin": f"sha256:{old_pin.hex()}"}
+        )
+        return
+    print(f"new CA pin:      sha256:{ca.pin.hex()}")
+    print(f"previous CA pin: sha256:{old_pin.hex()} (still trusted)")
+    print("Gateways sign with the new CA within seconds; agents keep working and move to it when they")
+    print("renew their certificate. 'airflow edge-agents list' shows who still holds an old one; then run")
+    print("'airflow edge-agents ca retire-old'. New registration tokens carry the new pin.")
+
+
+@_one_line_errors
+@_audited
+def ca_retire_old(args: argparse.Namespace) -> None:
+    """Drop the previous CA from the trust bundle once agents have moved to the current one."""
+    from airflow.utils.session import create_session
+
+    from executor_plugin import store
+    from executor_plugin.models import AgentStatus
+    from executor_plugin.pki import CertificateAuthority
+
+    ca = CertificateAuthority.load(_settings().ca_dir)
+    if len(ca.bundle_pems()) < 2:
+        if args.json:
+            _print_json({"pin": f"sha256:{ca.pin.hex()}", "retired": []})
+        else:
+            print("nothing to retire: the trust bundle holds only the current CA")
+        return
+    now = store.utcnow()
+    with create_session(scoped=False) as session:
+        holders = [
+            agent
+            for agent in store.list_agents(session)
+            if agent.state != AgentStatus.REVOKED
+            and agent.cert_issuer != ca.pin.hex()
+            and (agent.cert_not_after is None or agent.cert_not_after > now)
+        ]
+    if holders and not args.force:
+        raise UsageError(
+            f"{len(holders)} agent(s) still hold a certificate of an old CA ({', '.join(a.id for a in holders)}): "
+            "they move over when they renew; wait, revoke them, or pass --force (they must then register again)"
+        )
+    retired = ca.retire_old()
+    if args.json:
+        _print_json(
+            {
+                "pin": f"sha256:{ca.pin.hex()}",
+                "retired": [f"sha256:{pin.hex()}" for pin in retired],
+                "agents_cut_off": [a.id for a in holders],
+            }
+        )
+        return
+    for pin in retired:
+        print(f"retired CA sha256:{pin.hex()}")
+    print("Gateways refuse certificates of the retired CA within seconds, and at the TLS handshake after a restart.")
+    if holders:
+        print(f"these agents must register again: {', '.join(a.id for a in holders)}")
+
+
+@_one_line_errors
+@_audited
 def token_create(args: argparse.Namespace) -> None:
     """Mint a registration token bound to queues and a region; print it once."""
     queues = validate_queues(args.queue)
@@ -224,9 +300,14 @@ def token_create(args: argparse.Namespace) -> None:
     from executor_plugin import store
     from executor_plugin.pki import CertificateAuthority
 
+    from executor_plugin.policy import token_conflicts
+
     ca = CertificateAuthority.load(_settings().ca_dir)
     token = RegistrationToken.mint(ca.pin)
     with create_session(scoped=False) as session:
+        conflicts = token_conflicts(queues, region, store.queue_policies(session, queues))
+        if conflicts:
+            raise UsageError(f"the token's scope contradicts a queue policy: {'; '.join(conflicts)}")
         record = store.create_token(
             session,
             token_id=token.token_id,
@@ -270,6 +351,7 @@ def agents_list(args: argparse.Namespace) -> None:
     with create_session(scoped=False) as session:
         agents = store.list_agents(session)
         running = store.running_job_counts(session)
+    current_pin = _current_ca_pin()
     rows = [
         {
             "id": agent.id,
@@ -283,6 +365,9 @@ def agents_list(args: argparse.Namespace) -> None:
             "last_heartbeat": _iso(agent.last_heartbeat),
             "version": agent.version,
             "cert_not_after": _iso(agent.cert_not_after),
+            "cert_serial": agent.cert_serial,
+            "cert_issuer": agent.cert_issuer,
+            "cert_ca": _ca_label(agent.cert_issuer, current_pin),
         }
         for agent in agents
     ]
@@ -307,10 +392,205 @@ def agents_list(args: argparse.Namespace) -> None:
                 "last heartbeat": r["last_heartbeat"] or "never",
                 "version": r["version"] or "-",
                 "cert expires": r["cert_not_after"] or "-",
+                "cert CA": r["cert_ca"],
             }
             for r in rows
         ]
     )
+
+
+def _current_ca_pin() -> str | None:
+    from executor_plugin.pki import CertificateAuthority, PKIError
+
+    try:
+        return CertificateAuthority.load(_settings().ca_dir).pin.hex()
+    except PKIError:
+        return None
+
+
+def _ca_label(issuer: str | None, current_pin: str | None) -> str:
+    """``current`` or ``old`` (a previous CA: renewal pending), ``unknown`` when not recorded."""
+    if issuer is None or current_pin is None:
+        return "unknown"
+    return "current" if issuer == current_pin else "old"
+
+
+def _agent_row(agent: Any) -> dict[str, Any]:
+    return {
+        "id": agent.id,
+        "name": agent.name,
+        "state": agent.state,
+        "queues": list(agent.queues),
+        "region": agent.region,
+    }
+
+
+def _agent_command(change: Callable[[Any, str], Any], agent_id: str) -> Any:
+    """Run a store change on one agent; an unknown id is a usage error."""
+    from airflow.utils.session import create_session
+
+    from executor_plugin import store
+
+    with create_session(scoped=False) as session:
+        try:
+            return change(session, agent_id)
+        except store.AgentNotFound:
+            raise UsageError(f"no agent {agent_id!r}: see 'airflow edge-agents list'") from None
+
+
+@_one_line_errors
+@_audited
+def agents_revoke(args: argparse.Namespace) -> None:
+    """Revoke an agent: its certificate is refused from now on, even on open long-polls."""
+    from executor_plugin import store
+
+    revocation = _agent_command(store.revoke_agent, args.agent)
+    if args.json:
+        _print_json(
+            {
+                **_agent_row(revocation.agent),
+                "requeued_jobs": revocation.requeued,
+                "running_jobs": list(revocation.running),
+            }
+        )
+        return
+    print(f"revoked agent {revocation.agent.id}: every request with its certificate is refused from now on")
+    print(f"{revocation.requeued} leased job(s) went back to the queue")
+    if revocation.running:
+        print(
+            f"{len(revocation.running)} running job(s) cannot reach Airflow any more and fail when Airflow's "
+            f"task heartbeat times out: {', '.join(revocation.running)}"
+        )
+
+
+@_one_line_errors
+@_audited
+def agents_drain(args: argparse.Namespace) -> None:
+    """Stop handing an agent new jobs; it finishes what it runs."""
+    from executor_plugin import store
+
+    agent = _agent_command(_revoked_is_usage(store.drain_agent), args.agent)
+    if args.json:
+        _print_json(_agent_row(agent))
+        return
+    print(f"agent {agent.id} is draining: it gets no new jobs and is asked to drain at its next heartbeat")
+
+
+@_one_line_errors
+@_audited
+def agents_resume(args: argparse.Namespace) -> None:
+    """Hand an agent new jobs again after ``drain``."""
+    from executor_plugin import store
+
+    agent = _agent_command(_revoked_is_usage(store.resume_agent), args.agent)
+    if args.json:
+        _print_json(_agent_row(agent))
+        return
+    print(f"agent {agent.id} is active again")
+
+
+def _revoked_is_usage(change: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    def wrapped(session: Any, agent_id: str) -> Any:
+        from executor_plugin.store import AgentRevoked
+
+        try:
+            return change(session, agent_id)
+        except AgentRevoked as exc:
+            raise UsageError(str(exc)) from None
+
+    return wrapped
+
+
+# -- queue policies ------------------------------------------------------------------------------------
+
+
+def parse_regions(text: str) -> tuple[str, ...]:
+    from executor_plugin.policy import PolicyError, validate_region_patterns
+
+    try:
+        return validate_region_patterns(part for part in text.split(",") if part.strip())
+    except PolicyError as exc:
+        raise UsageError(f"--regions: {exc}") from None
+
+
+def _policy_row(policy: Any) -> dict[str, Any]:
+    return {
+        "queue": policy.queue,
+        "regions": list(policy.regions) if policy.regions is not None else None,
+        "logs": policy.logs,
+        "updated_at": _iso(policy.updated_at),
+    }
+
+
+def _regions_text(regions: Sequence[str] | None) -> str:
+    return ", ".join(regions) if regions is not None else "any"
+
+
+@_one_line_errors
+@_audited
+def queue_set(args: argparse.Namespace) -> None:
+    """Create or change a queue's policy: allowed regions and where task logs go."""
+    [queue] = validate_queues([args.queue])
+    regions = parse_regions(args.regions) if args.regions is not None else None
+    if args.logs is not None and args.logs not in ("hosted", "local"):
+        raise UsageError(f"--logs must be hosted or local, not {args.logs!r}")
+    if regions is None and args.logs is None:
+        raise UsageError("give --regions and/or --logs: what the policy of this queue should say")
+
+    from airflow.utils.session import create_session
+
+    from executor_plugin import store
+    from executor_plugin.policy import excluded_agents
+
+    with create_session(scoped=False) as session:
+        policy = store.set_queue_policy(session, queue, regions=regions, logs=args.logs)
+        excluded = excluded_agents(policy, store.list_agents(session))
+    if args.json:
+        _print_json({**_policy_row(policy), "excluded_agents": [{"id": a.id, "region": a.region} for a in excluded]})
+        return
+    print(f"queue {policy.queue}: regions {_regions_text(policy.regions)}; logs {policy.logs}")
+    for agent in excluded:
+        print(f"excludes agent {agent.id} ({agent.name}, region {agent.region}): it gets no more jobs of this queue")
+
+
+@_one_line_errors
+def queue_list(args: argparse.Namespace) -> None:
+    """Show every queue policy."""
+    from airflow.utils.session import create_session
+
+    from executor_plugin import store
+
+    with create_session(scoped=False) as session:
+        policies = store.list_queue_policies(session)
+    if args.json:
+        _print_json([_policy_row(policy) for policy in policies])
+        return
+    if not policies:
+        print("No queue policies: every queue may run in any region and ships its logs.")
+        return
+    from airflow.cli.simple_table import AirflowConsole
+
+    AirflowConsole().print_as_table(
+        [
+            {"queue": p.queue, "regions": _regions_text(p.regions), "logs": p.logs, "updated": _iso(p.updated_at)}
+            for p in policies
+        ]
+    )
+
+
+@_one_line_errors
+@_audited
+def queue_delete(args: argparse.Namespace) -> None:
+    """Remove a queue's policy (the queue may then run in any region, logs hosted)."""
+    [queue] = validate_queues([args.queue])
+    from airflow.utils.session import create_session
+
+    from executor_plugin import store
+
+    with create_session(scoped=False) as session:
+        if not store.delete_queue_policy(session, queue):
+            raise UsageError(f"queue {queue!r} has no policy: see 'airflow edge-agents queue list'")
+    print(f"queue {queue}: policy removed; it may run in any region and ships its logs")
 
 
 @_one_line_errors
@@ -344,6 +624,20 @@ ARG_TTL = Arg(
 )
 ARG_USES = Arg(("--uses",), help="How many agents may register with the token (default 1)", default="1")
 ARG_NAME = Arg(("--name",), help="Name for the agent (default: the name the agent sends)")
+ARG_AGENT = Arg(("agent",), help="Agent id (see 'airflow edge-agents list')", metavar="AGENT")
+ARG_QUEUE_NAME = Arg(("queue",), help="Queue name", metavar="QUEUE")
+ARG_REGIONS = Arg(
+    ("--regions",),
+    help="Comma-separated regions the queue's tasks may run in; fnmatch patterns allowed, e.g. 'eu-*' "
+    "('*' for any)",
+    metavar="R1,R2",
+)
+ARG_LOGS = Arg(
+    ("--logs",),
+    help="hosted: task logs are shipped and shown in the UI; local: they never leave the agent's region",
+    metavar="hosted|local",
+)
+ARG_FORCE = Arg(("--force",), help="Retire even if agents still hold certificates of the old CA", action="store_true")
 ARG_HOST = Arg(("--host",), help="Address to listen on (default 127.0.0.1)", default="127.0.0.1")
 ARG_PORT = Arg(("--port",), help="Port to listen on (default 8443)", default="8443")
 
@@ -353,6 +647,35 @@ CA_COMMANDS = (
         help="Create the agent CA (does nothing if it exists) and print its pin",
         func=ca_init,
         args=(ARG_JSON, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="rotate",
+        help="Make a new CA current; the previous one stays trusted while agents renew",
+        func=ca_rotate,
+        args=(ARG_JSON, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="retire-old",
+        help="Drop the previous CA from the trust bundle once every agent renewed",
+        func=ca_retire_old,
+        args=(ARG_FORCE, ARG_JSON, ARG_VERBOSE),
+    ),
+)
+
+QUEUE_COMMANDS = (
+    ActionCommand(
+        name="set",
+        help="Create or change a queue's policy (allowed regions, log placement)",
+        description=(
+            "Set where a queue's tasks may run and where their logs go. Applies to the next lease at "
+            "once, also for agents registered before; agents it excludes are listed."
+        ),
+        func=queue_set,
+        args=(ARG_QUEUE_NAME, ARG_REGIONS, ARG_LOGS, ARG_JSON, ARG_VERBOSE),
+    ),
+    ActionCommand(name="list", help="List queue policies", func=queue_list, args=(ARG_JSON, ARG_VERBOSE)),
+    ActionCommand(
+        name="delete", help="Remove a queue's policy", func=queue_delete, args=(ARG_QUEUE_NAME, ARG_VERBOSE)
     ),
 )
 
@@ -373,11 +696,30 @@ TOKEN_COMMANDS = (
 EDGE_AGENTS_COMMANDS = (
     GroupCommand(name="ca", help="Manage the agent certificate authority", subcommands=CA_COMMANDS),
     GroupCommand(name="token", help="Manage registration tokens", subcommands=TOKEN_COMMANDS),
+    GroupCommand(name="queue", help="Manage queue policies (regions, logs)", subcommands=QUEUE_COMMANDS),
     ActionCommand(
         name="list",
         help="List registered agents",
         func=agents_list,
         args=(ARG_JSON, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="revoke",
+        help="Revoke an agent at once (its leased jobs are requeued)",
+        func=agents_revoke,
+        args=(ARG_AGENT, ARG_JSON, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="drain",
+        help="Stop giving an agent new jobs; it finishes what it runs",
+        func=agents_drain,
+        args=(ARG_AGENT, ARG_JSON, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="resume",
+        help="Give a drained agent new jobs again",
+        func=agents_resume,
+        args=(ARG_AGENT, ARG_JSON, ARG_VERBOSE),
     ),
     ActionCommand(
         name="gateway",
@@ -393,10 +735,10 @@ def get_cli_commands() -> list[GroupCommand]:
     return [
         GroupCommand(
             name="edge-agents",
-            help="Manage edge agents: CA, registration tokens, agent list, gateway",
+            help="Manage edge agents: CA, registration tokens, queue policies, agents, gateway",
             subcommands=EDGE_AGENTS_COMMANDS,
         )
     ]
 
 
-__all__ = ["UsageError", "get_cli_commands", "parse_ttl", "validate_queues", "validate_region"]
+__all__ = ["UsageError", "get_cli_commands", "parse_regions", "parse_ttl", "validate_queues", "validate_region"]

@@ -19,7 +19,7 @@ VERSION_TABLE = "alembic_version_edge_agent"
 
 #: edge-agent release -> alembic head of that release (used by ``airflow db downgrade`` tooling).
 REVISION_HEADS_MAP: dict[str, str] = {
-    "0.1.0": "0001",
+    "0.1.0": "0002",
 }
 
 

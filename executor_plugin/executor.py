@@ -3,7 +3,9 @@
 * ``queue_workload`` writes one job row per ``ExecuteTask`` in the scheduler's own session, so the
   job commits atomically with the task instance's QUEUED state; nothing is held in memory.
 * ``sync`` (every scheduler heartbeat) requeues lapsed leases, turns job state changes into
-  scheduler events (running / success / fail), and purges old reported jobs.
+  scheduler events (running / success / fail), and purges old reported jobs and refusals. A job an
+  agent refused and that went back to the queue is no event: the try simply waits for another
+  agent (a refusal nobody else can take fails the job, and that failure is an event).
 * ``revoke_task`` cancels a job; ``try_adopt_task_instances`` re-adopts jobs after a restart.
 
 Agents and the gateway keep working while the scheduler is down: ``end``/``terminate`` stop
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 RECONCILE_EVERY_SECONDS = 10.0
 #: Reported terminal jobs stay this long (for ``airflow edge-agents list`` and debugging) before purge.
 PURGE_AFTER = timedelta(hours=1)
+#: Refusals by agents keep a task instance (and its retries) away from the refusing agent this long.
+REFUSAL_RETENTION = timedelta(days=7)
 #: Purging is a DELETE that mostly matches nothing; on SQLite every write statement takes the
 #: database write lock, so it runs once a minute rather than on every heartbeat.
 PURGE_EVERY_SECONDS = 60.0
@@ -184,8 +188,9 @@ class EdgeAgentExecutor(BaseExecutor):
         if now >= self._next_purge:
             self._next_purge = now + PURGE_EVERY_SECONDS
             purged = store.purge_reported(session, older_than=store.utcnow() - PURGE_AFTER)
-            if purged:
-                self.log.debug("Purged %d finished job(s)", purged)
+            purged_refusals = store.purge_refusals(session, older_than=store.utcnow() - REFUSAL_RETENTION)
+            if purged or purged_refusals:
+                self.log.debug("Purged %d finished job(s) and %d old refusal(s)", purged, purged_refusals)
 
     def _emit(self, job: store.Job) -> None:
         # Events are emitted before mark_reported commits: if the commit fails, the next sync emits

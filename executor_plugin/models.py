@@ -74,6 +74,9 @@ agent_table = Table(
     Column("pubkey_fp", String(64), nullable=False),
     Column("cert_serial", String(64), nullable=True),
     Column("cert_not_after", UtcDateTime, nullable=True),
+    # SPKI pin (hex) of the CA that issued the latest certificate: shows who still needs a new one
+    # while the CA rotates.
+    Column("cert_issuer", String(64), nullable=True),
     Column("slots_total", Integer, nullable=False, default=0),
     Column("slots_free", Integer, nullable=False, default=0),
     Column("version", String(64), nullable=True),
@@ -96,4 +99,42 @@ token_table = Table(
     Column("uses", Integer, nullable=False, default=0),
 )
 
-__all__ = ["AgentStatus", "JobStatus", "agent_table", "job_table", "metadata", "token_table"]
+queue_policy_table = Table(
+    "edge_agent_queue_policy",
+    metadata,
+    Column("queue", String(256), primary_key=True),
+    # JSON list of fnmatch patterns of the regions the queue may run in; NULL: any region.
+    Column("regions", Text, nullable=True),
+    Column("logs", String(10), nullable=False),  # hosted | local
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# One row per (task instance, agent) that the agent's local policy refused. Keyed on the task
+# instance, not the job or the try: Airflow gives every try a new TI id and the executor a new job
+# row, and the agent's policy would refuse a retry of the same task just the same.
+job_refusal_table = Table(
+    "edge_agent_job_refusal",
+    metadata,
+    Column("agent_id", String(64), primary_key=True),
+    Column("dag_id", String(250), primary_key=True),
+    Column("task_id", String(250), primary_key=True),
+    Column("run_id", String(250), primary_key=True),
+    Column("map_index", Integer, primary_key=True, autoincrement=False),
+    # The refused job and lease (a repeated report of the same refusal is recognised by them).
+    Column("job_id", String(36), nullable=False),
+    Column("fencing", Integer, nullable=False),
+    Column("try_number", Integer, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("refused_at", UtcDateTime, nullable=False),
+)
+
+__all__ = [
+    "AgentStatus",
+    "JobStatus",
+    "agent_table",
+    "job_refusal_table",
+    "job_table",
+    "metadata",
+    "queue_policy_table",
+    "token_table",
+]

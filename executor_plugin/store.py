@@ -8,6 +8,10 @@ Concurrency: a job moves out of QUEUED only through :func:`lease_next`, an ``UPD
 state = 'queued' AND fencing = <seen>`` compare-and-set, so two gateways (or two requests in one
 gateway) can never lease one job twice; the loser simply tries the next candidate. On PostgreSQL the
 candidate scan uses ``FOR UPDATE SKIP LOCKED`` so concurrent leasers do not queue behind each other.
+
+Isolation: what an agent may lease is computed at lease time from its row (queues and region from
+its registration token) and the queue policies (:mod:`executor_plugin.policy` decides), minus the
+task instances it refused; a policy change or a revocation applies to the next lease at once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import and_, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from executor_plugin.models import AgentStatus, JobStatus, agent_table, job_table, token_table
+from executor_plugin.models import (
+    AgentStatus,
+    JobStatus,
+    agent_table,
+    job_refusal_table,
+    job_table,
+    queue_policy_table,
+    token_table,
+)
+from executor_plugin.policy import LOGS_HOSTED, QueuePolicy, could_serve, servable_queues
 
 #: Candidates examined per lease attempt; more than one so a lost compare-and-set race moves on.
 _LEASE_CANDIDATES = 8
@@ -45,6 +58,14 @@ class JobNotFound(StoreError):
 
 class StaleFencing(StoreError):
     """The caller's fencing id is not the job's current one: its lease ended or was handed on."""
+
+
+class AgentNotFound(StoreError):
+    """No agent with this id."""
+
+
+class AgentRevoked(StoreError):
+    """The agent is revoked: nothing about it may change any more (register a new one)."""
 
 
 def utcnow() -> datetime:
@@ -105,6 +126,8 @@ class Agent:
     pubkey_fp: str
     cert_serial: str | None
     cert_not_after: datetime | None
+    #: SPKI pin (hex) of the CA that issued the agent's latest certificate (None: issued before 0002).
+    cert_issuer: str | None
     slots_total: int
     slots_free: int
     version: str | None
@@ -435,6 +458,7 @@ def create_agent(
         pubkey_fp=pubkey_fp,
         cert_serial=None,
         cert_not_after=None,
+        cert_issuer=None,
         slots_total=0,
         slots_free=0,
         version=None,
@@ -445,10 +469,35 @@ def create_agent(
     return Agent._from_row(_FakeRow(values))
 
 
-def set_agent_cert(session: Session, agent_id: str, *, serial: str, not_after: datetime) -> None:
+def set_agent_cert(
+    session: Session, agent_id: str, *, serial: str, not_after: datetime, issuer: str | None = None
+) -> None:
     session.execute(
-        update(agent_table).where(agent_table.c.id == agent_id).values(cert_serial=serial, cert_not_after=not_after)
+        update(agent_table)
+        .where(agent_table.c.id == agent_id)
+        .values(cert_serial=serial, cert_not_after=not_after, cert_issuer=issuer)
     )
+
+
+def renew_agent_cert(
+    session: Session, agent_id: str, *, serial: str, not_after: datetime, issuer: str, pubkey_fp: str
+) -> Agent:
+    """Record a renewed certificate (new key) of an agent that is not revoked; returns the agent.
+
+    The guarded UPDATE refuses a revocation that landed after the caller authenticated, so a
+    certificate signed in that window is never handed out.
+    """
+    result = session.execute(
+        update(agent_table)
+        .where(agent_table.c.id == agent_id, agent_table.c.state != AgentStatus.REVOKED)
+        .values(cert_serial=serial, cert_not_after=not_after, cert_issuer=issuer, pubkey_fp=pubkey_fp)
+    )
+    agent = get_agent(session, agent_id)
+    if agent is None:
+        raise AgentNotFound(agent_id)
+    if result.rowcount != 1:
+        raise AgentRevoked(f"agent {agent_id} is revoked")
+    return agent
 
 
 def get_agent(session: Session, agent_id: str) -> Agent | None:
@@ -459,6 +508,72 @@ def get_agent(session: Session, agent_id: str) -> Agent | None:
 def list_agents(session: Session) -> list[Agent]:
     rows = session.execute(select(agent_table).order_by(agent_table.c.created_at))
     return [Agent._from_row(r) for r in rows]
+
+
+def _requeue_leased_of(session: Session, agent_id: str) -> int:
+    result = session.execute(
+        update(job_table)
+        .where(job_table.c.agent_id == agent_id, job_table.c.state == JobStatus.LEASED)
+        .values(
+            state=JobStatus.QUEUED,
+            agent_id=None,
+            leased_at=None,
+            lease_expires_at=None,
+            fencing=job_table.c.fencing + 1,
+        )
+    )
+    return result.rowcount
+
+
+@dataclass(frozen=True)
+class Revocation:
+    agent: Agent
+    #: Leased jobs the agent had not started: back in the queue for other agents.
+    requeued: int
+    #: Jobs the agent runs: left to Airflow's task heartbeat timeout (the gateway refuses their
+    #: Execution API calls from now on, so the tasks cannot report and die quickly).
+    running: tuple[str, ...]
+
+
+def revoke_agent(session: Session, agent_id: str) -> Revocation:
+    """Revoke an agent: every later request with its certificate is refused (403). Idempotent.
+
+    Its leased jobs are requeued at once; its running jobs are left to Airflow.
+    """
+    if get_agent(session, agent_id) is None:
+        raise AgentNotFound(agent_id)
+    session.execute(update(agent_table).where(agent_table.c.id == agent_id).values(state=AgentStatus.REVOKED))
+    requeued = _requeue_leased_of(session, agent_id)
+    running = session.execute(
+        select(job_table.c.id).where(job_table.c.agent_id == agent_id, job_table.c.state == JobStatus.RUNNING)
+    ).scalars()
+    agent = get_agent(session, agent_id)
+    assert agent is not None
+    return Revocation(agent=agent, requeued=requeued, running=tuple(sorted(running)))
+
+
+def _set_agent_state(session: Session, agent_id: str, state: str) -> Agent:
+    result = session.execute(
+        update(agent_table)
+        .where(agent_table.c.id == agent_id, agent_table.c.state != AgentStatus.REVOKED)
+        .values(state=state)
+    )
+    agent = get_agent(session, agent_id)
+    if agent is None:
+        raise AgentNotFound(agent_id)
+    if result.rowcount != 1:
+        raise AgentRevoked(f"agent {agent_id} is revoked; register a new agent instead")
+    return agent
+
+
+def drain_agent(session: Session, agent_id: str) -> Agent:
+    """Stop handing the agent new jobs; its heartbeat reply asks it to drain. Idempotent."""
+    return _set_agent_state(session, agent_id, AgentStatus.DRAINING)
+
+
+def resume_agent(session: Session, agent_id: str) -> Agent:
+    """Undo :func:`drain_agent`. A revoked agent cannot be resumed (:class:`AgentRevoked`)."""
+    return _set_agent_state(session, agent_id, AgentStatus.ACTIVE)
 
 
 def running_job_counts(session: Session) -> dict[str, int]:
@@ -520,31 +635,132 @@ def record_heartbeat(
 
 
 # ---------------------------------------------------------------------------------------------------
+# Queue policies
+# ---------------------------------------------------------------------------------------------------
+
+
+def _policy_from_row(row) -> QueuePolicy:
+    regions = json.loads(row.regions) if row.regions is not None else None
+    return QueuePolicy(
+        queue=row.queue,
+        regions=tuple(regions) if regions is not None else None,
+        logs=row.logs,
+        updated_at=_aware(row.updated_at),
+    )
+
+
+def get_queue_policy(session: Session, queue: str) -> QueuePolicy | None:
+    row = session.execute(select(queue_policy_table).where(queue_policy_table.c.queue == queue)).first()
+    return _policy_from_row(row) if row is not None else None
+
+
+def queue_policies(session: Session, queues: Iterable[str] | None = None) -> dict[str, QueuePolicy]:
+    """Policies by queue: of ``queues`` (those that have one), or of every queue when None."""
+    query = select(queue_policy_table)
+    if queues is not None:
+        wanted = list(queues)
+        if not wanted:
+            return {}
+        query = query.where(queue_policy_table.c.queue.in_(wanted))
+    return {row.queue: _policy_from_row(row) for row in session.execute(query)}
+
+
+def list_queue_policies(session: Session) -> list[QueuePolicy]:
+    return sorted(queue_policies(session).values(), key=lambda policy: policy.queue)
+
+
+def set_queue_policy(
+    session: Session,
+    queue: str,
+    *,
+    regions: Sequence[str] | None = None,
+    logs: str | None = None,
+    now: datetime | None = None,
+) -> QueuePolicy:
+    """Create or change a queue's policy. ``None`` keeps a field as it is (new policy: any region,
+    logs hosted). Patterns are stored as given: validate them with ``policy.validate_*`` first."""
+    now = now or utcnow()
+    current = get_queue_policy(session, queue)
+    values: dict = {"updated_at": now}
+    if regions is not None:
+        values["regions"] = json.dumps(list(regions))
+    if logs is not None:
+        values["logs"] = logs
+    if current is None:
+        values.setdefault("regions", None)
+        values.setdefault("logs", LOGS_HOSTED)
+        session.execute(insert(queue_policy_table).values(queue=queue, **values))
+    else:
+        session.execute(update(queue_policy_table).where(queue_policy_table.c.queue == queue).values(**values))
+    policy = get_queue_policy(session, queue)
+    assert policy is not None
+    return policy
+
+
+def delete_queue_policy(session: Session, queue: str) -> bool:
+    result = session.execute(delete(queue_policy_table).where(queue_policy_table.c.queue == queue))
+    return result.rowcount > 0
+
+
+def eligible_queues(session: Session, agent: Agent) -> tuple[str, ...]:
+    """The agent's granted queues that their policies let it serve from its region."""
+    return servable_queues(agent, queue_policies(session, agent.queues))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Leasing (gateway)
 # ---------------------------------------------------------------------------------------------------
 
 
-def queued_exists(session: Session, queues: Sequence[str]) -> bool:
-    row = session.execute(
-        select(job_table.c.id)
-        .where(job_table.c.state == JobStatus.QUEUED, job_table.c.queue.in_(list(queues)))
-        .limit(1)
-    ).first()
-    return row is not None
+def _not_refused_by(agent_id: str):
+    """SQL condition: the job's task instance was not refused by ``agent_id``."""
+    r = job_refusal_table.c
+    return ~(
+        select(r.agent_id)
+        .where(
+            r.agent_id == agent_id,
+            r.dag_id == job_table.c.dag_id,
+            r.task_id == job_table.c.task_id,
+            r.run_id == job_table.c.run_id,
+            r.map_index == job_table.c.map_index,
+        )
+        .exists()
+    )
+
+
+def queued_exists(session: Session, queues: Sequence[str], *, refused_by: str | None = None) -> bool:
+    """Is a job queued on ``queues``? With ``refused_by``, ignore the task instances that agent refused."""
+    if not queues:
+        return False
+    query = select(job_table.c.id).where(job_table.c.state == JobStatus.QUEUED, job_table.c.queue.in_(list(queues)))
+    if refused_by is not None:
+        query = query.where(_not_refused_by(refused_by))
+    return session.execute(query.limit(1)).first() is not None
 
 
 def lease_next(session: Session, agent: Agent, *, lease_ttl: timedelta, now: datetime | None = None) -> Job | None:
-    """Lease the most urgent queued job of the agent's granted queues; commits.
+    """Lease the most urgent job the agent may serve; commits.
 
-    Eligibility comes from the agent row (server-side facts) only. Returns None when nothing is
-    eligible or every candidate was taken by a concurrent leaser.
+    Eligibility is decided here from the agent's row as stored now (not the caller's copy, so a
+    revocation or drain since the caller read it applies), the queue policies of its granted
+    queues, and its refusals. Returns None when nothing is eligible or every candidate was taken
+    by a concurrent leaser.
     """
-    if agent.state != AgentStatus.ACTIVE or not agent.queues:
+    if agent.state != AgentStatus.ACTIVE:
         return None
     now = now or utcnow()
+    fresh = get_agent(session, agent.id)
+    queues = eligible_queues(session, fresh) if fresh is not None and fresh.state == AgentStatus.ACTIVE else ()
+    if not queues:
+        session.commit()
+        return None
     candidates_q = (
         select(job_table.c.id, job_table.c.fencing)
-        .where(job_table.c.state == JobStatus.QUEUED, job_table.c.queue.in_(list(agent.queues)))
+        .where(
+            job_table.c.state == JobStatus.QUEUED,
+            job_table.c.queue.in_(list(queues)),
+            _not_refused_by(agent.id),
+        )
         .order_by(job_table.c.priority_weight.desc(), job_table.c.queued_at)
         .limit(_LEASE_CANDIDATES)
     )
@@ -580,6 +796,24 @@ def job_for_agent(session: Session, agent_id: str, job_id: str, fencing: int) ->
     return Job._from_row(row)
 
 
+def agent_holds_ti(session: Session, agent_id: str, ti_id: str) -> bool:
+    """Does the agent hold a leased or running job of this task instance (Execution API binding)?"""
+    row = session.execute(
+        select(job_table.c.id)
+        .where(
+            job_table.c.agent_id == agent_id,
+            job_table.c.state.in_(JobStatus.ACTIVE),
+            job_table.c.ti_id == ti_id,
+        )
+        .limit(1)
+    ).first()
+    return row is not None
+
+
+#: The report an agent sends when its local policy refuses a job (``protocol.JobState.REFUSED``).
+REFUSED = "refused"
+
+
 _ALLOWED_REPORTS = {
     JobStatus.RUNNING: (JobStatus.LEASED, JobStatus.RUNNING),
     JobStatus.SUCCESS: (JobStatus.LEASED, JobStatus.RUNNING, JobStatus.SUCCESS),
@@ -598,7 +832,12 @@ def report_job(
     reason: str | None = None,
     now: datetime | None = None,
 ) -> Job:
-    """Record an agent's report about a job it holds. Repeating the same report is harmless."""
+    """Record an agent's report about a job it holds. Repeating the same report is harmless.
+
+    ``state="refused"`` is handed to :func:`refuse_job` (``reason`` says why).
+    """
+    if state == REFUSED:
+        return refuse_job(session, agent_id, job_id, fencing, reason=reason, now=now)
     job = job_for_agent(session, agent_id, job_id, fencing)
     if state not in _ALLOWED_REPORTS:
         raise ValueError(f"unknown job state {state!r}")
@@ -622,8 +861,89 @@ def report_job(
     return Job._from_row(row)
 
 
+def refuse_job(
+    session: Session, agent_id: str, job_id: str, fencing: int, *, reason: str | None, now: datetime | None = None
+) -> Job:
+    """The agent's local policy refused a leased job: it never ran. Returns the job as it is now.
+
+    The refusal is recorded for the task instance, so no lease offers it (nor a retry of it) to this
+    agent again. The job goes back to the queue when another agent could take it (one that is
+    active or draining, granted the queue, in a region its policy admits, and that has not refused
+    it); otherwise it fails with the reason, so the task does not wait in the queue for
+    ``[scheduler] task_queued_timeout`` with nobody to run it. A requeued job is no scheduler event.
+
+    Repeating the same report (its response was lost) returns the job without a change.
+    """
+    now = now or utcnow()
+    r = job_refusal_table.c
+    row = session.execute(select(job_table).where(job_table.c.id == job_id)).first()
+    if row is None:
+        raise JobNotFound(job_id)
+    ti_key = and_(
+        r.dag_id == row.dag_id, r.task_id == row.task_id, r.run_id == row.run_id, r.map_index == row.map_index
+    )
+    earlier = session.execute(select(job_refusal_table).where(ti_key, r.agent_id == agent_id)).first()
+    if earlier is not None and (earlier.job_id, earlier.fencing) == (job_id, fencing):
+        return Job._from_row(row)
+    job = job_for_agent(session, agent_id, job_id, fencing)
+    if job.state != JobStatus.LEASED:
+        # Started, finished or cancelled: too late to refuse.
+        raise StaleFencing(job_id)
+    values = dict(job_id=job_id, fencing=fencing, try_number=job.try_number, reason=reason, refused_at=now)
+    if earlier is None:
+        session.execute(
+            insert(job_refusal_table).values(
+                agent_id=agent_id, dag_id=job.dag_id, task_id=job.task_id, run_id=job.run_id,
+                map_index=job.map_index, **values,
+            )
+        )
+    else:
+        session.execute(update(job_refusal_table).where(ti_key, r.agent_id == agent_id).values(**values))
+    refusers = set(session.execute(select(r.agent_id).where(ti_key)).scalars())
+    policy = get_queue_policy(session, job.queue)
+    takers = [
+        agent.id for agent in list_agents(session) if agent.id not in refusers and could_serve(agent, job.queue, policy)
+    ]
+    guard = (job_table.c.id == job_id, job_table.c.fencing == fencing, job_table.c.state == JobStatus.LEASED)
+    if takers:
+        session.execute(
+            update(job_table)
+            .where(*guard)
+            .values(
+                state=JobStatus.QUEUED,
+                agent_id=None,
+                leased_at=None,
+                lease_expires_at=None,
+                fencing=job_table.c.fencing + 1,
+            )
+        )
+    else:
+        why = f"refused by agent {agent_id}: {reason or 'no reason given'}"
+        session.execute(
+            update(job_table)
+            .where(*guard)
+            .values(
+                state=JobStatus.FAILED,
+                finished_at=now,
+                reason=f"{why}; no other agent may run queue {job.queue!r}",
+            )
+        )
+    return Job._from_row(session.execute(select(job_table).where(job_table.c.id == job_id)).one())
+
+
+def purge_refusals(session: Session, older_than: datetime) -> int:
+    """Forget refusals recorded before ``older_than`` (a later retry may be offered to that agent
+    again; its local policy refuses it again)."""
+    result = session.execute(delete(job_refusal_table).where(job_refusal_table.c.refused_at < older_than))
+    return result.rowcount
+
+
 __all__ = [
+    "REFUSED",
     "Agent",
+    "AgentNotFound",
+    "AgentRevoked",
+    "Revocation",
     "Job",
     "JobNotFound",
     "StaleFencing",
@@ -634,21 +954,34 @@ __all__ = [
     "cancel_queued_jobs_of_settled_tis",
     "create_agent",
     "create_token",
+    "delete_queue_policy",
+    "drain_agent",
+    "eligible_queues",
     "enqueue_job",
     "get_agent",
+    "get_queue_policy",
+    "agent_holds_ti",
     "hash_secret",
     "job_for_agent",
     "jobs_for_keys",
     "lease_next",
     "list_agents",
+    "list_queue_policies",
     "mark_reported",
     "pending_events",
+    "purge_refusals",
     "purge_reported",
+    "queue_policies",
     "queued_exists",
     "record_heartbeat",
     "redeem_token",
+    "refuse_job",
+    "renew_agent_cert",
     "report_job",
     "requeue_expired_leases",
+    "resume_agent",
+    "revoke_agent",
     "running_job_counts",
     "set_agent_cert",
+    "set_queue_policy",
 ]

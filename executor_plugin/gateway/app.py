@@ -6,21 +6,26 @@
   it through its agent's mTLS connection and nothing else can.
 
 The root lifespan enters the Execution API's lifespan (its svcs registry holds the JWT validator
-and generator; without it every authenticated call fails) and closes the lease notifier.
+and generator; without it every authenticated call fails), watches the CA directory for a rotation
+(:mod:`executor_plugin.gateway.ca_watch`) and closes the lease notifier.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from executor_plugin import store
 from executor_plugin.gateway.auth import RequireAgentCertificate
-from executor_plugin.gateway.notify import LeaseNotifier, QueueSet
+from executor_plugin.gateway.ca_watch import CA_CHECK_SECONDS, LiveCA
+from executor_plugin.gateway.notify import LeaseNotifier, WaitKey
 from executor_plugin.gateway.routes import GatewayState, build_router
 from executor_plugin.gateway.routes.lease import workload_token_generator
 from executor_plugin.pki import CertificateAuthority
@@ -31,11 +36,28 @@ log = logging.getLogger(__name__)
 EXECUTION_MOUNT = "/execution"
 
 
-def _queue_sets_with_work(queue_sets: list[QueueSet]) -> list[QueueSet]:
+def _keys_with_work(keys: list[WaitKey]) -> list[WaitKey]:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        return [queues for queues in queue_sets if store.queued_exists(session, queues)]
+        return [key for key in keys if store.queued_exists(session, key.queues, refused_by=key.refused_by)]
+
+
+async def _watch_ca(live_ca: LiveCA) -> None:
+    """Follow ``ca rotate`` / ``ca retire-old`` made by another process (see ca_watch)."""
+    failing = False
+    while True:
+        await asyncio.sleep(CA_CHECK_SECONDS)
+        try:
+            changed = await asyncio.to_thread(live_ca.refresh)
+        except Exception:
+            if not failing:
+                log.exception("cannot reload the edge-agent CA; still using the one loaded before")
+            failing = True
+            continue
+        failing = False
+        if changed:
+            await live_ca.notify()
 
 
 def _execution_api() -> FastAPI:
@@ -68,13 +90,19 @@ async def _warm_execution_api(execution_api: FastAPI) -> None:
     )
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(settings: HostedSettings, *, ca: CertificateAuthority | None = None) -> FastAPI:
     """Build the gateway app. Fails at once if the CA or the JWT signing key is missing."""
     ca = ca or CertificateAuthority.load(settings.ca_dir)
     state = GatewayState(
         settings=settings,
-        ca=ca,
-        notifier=LeaseNotifier(_queue_sets_with_work, settings.lease_poll_interval),
+        live_ca=LiveCA(ca),
+        notifier=LeaseNotifier(_keys_with_work, settings.lease_poll_interval),
         jwt_generator=workload_token_generator(),
     )
     execution_api = _execution_api()
@@ -84,6 +112,8 @@ def create_app(settings: HostedSettings, *, ca: CertificateAuthority | None = No
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(execution_api.router.lifespan_context(execution_api))
             stack.push_async_callback(state.notifier.aclose)
+            watcher = asyncio.get_running_loop().create_task(_watch_ca(state.live_ca), name="edge-agent-ca-watch")
+            stack.push_async_callback(_cancel, watcher)
             await _warm_execution_api(execution_api)
             yield
 
@@ -96,7 +126,22 @@ def create_app(settings: HostedSettings, *, ca: CertificateAuthority | None = No
     )
     app.state.gateway = state
     app.include_router(build_router())
-    app.mount(EXECUTION_MOUNT, RequireAgentCertificate(execution_api, settings.trust_domain))
+    app.mount(EXECUTION_MOUNT, RequireAgentCertificate(execution_api, state))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad input back: a NaN or Infinity there cannot be encoded
+        # (a 500 instead of a 422), and a registration token sent in a malformed body would be
+        # reflected. Say where and what, never the value.
+        errors = [
+            {
+                "loc": [str(part) for part in error.get("loc", ())],
+                "msg": str(error.get("msg", "")),
+                "type": str(error.get("type", "")),
+            }
+            for error in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,9 +3,14 @@ someone waits.
 
 Jobs are queued by the scheduler in another process, so nothing inside the gateway learns of them;
 the poller asks the database (``store.queued_exists``) every ``poll_interval`` seconds, one query
-per distinct queue set among the waiters, and wakes the waiters whose queues have work. The check
+per distinct :class:`WaitKey` among the waiters, and wakes the waiters whose key has work. The check
 is level-triggered (is there a queued job *now*?), so a job queued between a waiter's last lease
 attempt and its registration is still seen at the next poll: no wake-up can be lost.
+
+A key is a queue set, shared by every agent serving those queues, plus optionally one agent whose
+refusals the check ignores. Without that, a job an agent refused (left queued for another agent)
+would wake that agent at every poll for nothing; the lease route switches an agent to its own key
+only after such a fruitless wake-up, so agents keep sharing one query in the common case.
 """
 
 from __future__ import annotations
@@ -14,21 +19,30 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger(__name__)
 
 QueueSet = tuple[str, ...]
-#: Given the queue sets waiters listen on, return those that have queued work (runs in a thread).
-ReadyCheck = Callable[[list[QueueSet]], Iterable[QueueSet]]
+
+
+class WaitKey(NamedTuple):
+    queues: QueueSet
+    #: Ignore the task instances this agent refused (None: count every queued job).
+    refused_by: str | None = None
+
+
+#: Given the keys waiters listen on, return those that have queued work (runs in a thread).
+ReadyCheck = Callable[[list[WaitKey]], Iterable[WaitKey]]
 
 
 class LeaseNotifier:
     def __init__(self, check: ReadyCheck, poll_interval: float) -> None:
         self._check = check
         self._poll_interval = max(poll_interval, 0.01)
-        self._waiters: dict[QueueSet, set[asyncio.Event]] = {}
+        self._waiters: dict[WaitKey, set[asyncio.Event]] = {}
         self._wanted: asyncio.Event | None = None
         self._poked: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -39,19 +53,20 @@ class LeaseNotifier:
     def closed(self) -> bool:
         return self._closed
 
-    async def wait(self, queues: QueueSet, timeout: float) -> bool:
+    async def wait(self, queues: QueueSet, timeout: float, *, refused_by: str | None = None) -> bool:
         """Wait until work may be queued on ``queues``, the timeout ends, or the notifier closes.
 
         Returns True when woken for work. An empty ``queues`` only waits for timeout or close (an
-        agent with no free slot holds its poll without being woken).
+        agent with no free slot holds its poll without being woken). ``refused_by``: do not wake
+        for jobs that agent refused.
         """
         if self._closed or timeout <= 0:
             return False
-        key = tuple(sorted(set(queues)))
+        key = WaitKey(tuple(sorted(set(queues))), refused_by if queues else None)
         event = asyncio.Event()
         waiters = self._waiters.setdefault(key, set())
         waiters.add(event)
-        if key:
+        if key.queues:
             self._ensure_task()
             assert self._wanted is not None
             self._wanted.set()
@@ -92,21 +107,21 @@ class LeaseNotifier:
     async def _run(self) -> None:
         assert self._wanted is not None and self._poked is not None
         while not self._closed:
-            sets = [queues for queues, waiters in self._waiters.items() if queues and waiters]
+            sets = [key for key, waiters in self._waiters.items() if key.queues and waiters]
             if not sets:
                 # Nobody waits for work: no queries until someone does. (No await between computing
                 # ``sets`` and clearing the flag, so a waiter arriving now cannot be missed.)
                 self._wanted.clear()
                 await self._wanted.wait()
                 continue
-            for queues in await self._ready(sets):
-                for event in list(self._waiters.get(queues, ())):
+            for key in await self._ready(sets):
+                for event in list(self._waiters.get(key, ())):
                     event.set()
             self._poked.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._poked.wait(), self._poll_interval)
 
-    async def _ready(self, sets: list[QueueSet]) -> list[QueueSet]:
+    async def _ready(self, sets: list[WaitKey]) -> list[WaitKey]:
         try:
             ready = list(await run_in_threadpool(self._check, sets))
         except Exception:
@@ -121,4 +136,4 @@ class LeaseNotifier:
         return ready
 
 
-__all__ = ["LeaseNotifier", "QueueSet", "ReadyCheck"]
+__all__ = ["LeaseNotifier", "QueueSet", "ReadyCheck", "WaitKey"]

@@ -2,11 +2,17 @@
 
 * The server certificate is issued by our own CA for ``host``, ``127.0.0.1`` and ``localhost`` and
   kept in ``<ca_dir>/gateway/`` (key 0600). It is re-issued at start and by a daily check when it
-  nears expiry, no longer matches the CA or the host names; a re-issued certificate is loaded into
-  the live ``SSLContext``, so new connections get it without a restart.
+  nears expiry, no longer matches the CA, its chain or the host names; a re-issued certificate is
+  loaded into the live ``SSLContext``, so new connections get it without a restart.
+* During a CA rotation the server certificate is issued by the previous CA and sent with that CA's
+  certificate cross-signed by the new one: agents that still trust only the previous CA verify it
+  directly, agents registering with a token pinned to the new CA through the cross certificate
+  (see :mod:`executor_plugin.pki`). After ``ca retire-old`` it is issued by the current CA.
 * Client certificates are ``CERT_OPTIONAL`` at the TLS layer (trust-bundle and register must work
   without one) and verified against our CA bundle; every other route requires one
-  (:mod:`executor_plugin.gateway.auth`).
+  (:mod:`executor_plugin.gateway.auth`). A CA added by ``ca rotate`` is added to the live context
+  within seconds; one removed by ``ca retire-old`` leaves the TLS layer only at the next start
+  (``auth`` refuses its certificates meanwhile).
 * SIGTERM/SIGINT: held long-polls are answered at once ("no lease"), in-flight requests finish,
   the process returns normally.
 """
@@ -31,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 
 from edge_agent.identity.pki_utils import load_cert, pubkey_fingerprint
 from executor_plugin.gateway.app import create_app
+from executor_plugin.gateway.ca_watch import CASnapshot
 from executor_plugin.gateway.tls import default_protocol
 from executor_plugin.pki import CertificateAuthority, ensure_private_dir, write_file_atomic
 from executor_plugin.settings import HostedSettings
@@ -69,16 +76,17 @@ class ServerCertificate:
         """Why the stored certificate cannot be used as it is, or None when it can."""
         now = now or datetime.now(timezone.utc)
         try:
-            cert = load_cert(self.cert_path.read_bytes())
+            cert, *chain = x509.load_pem_x509_certificates(self.cert_path.read_bytes())
             key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         except (OSError, ValueError, TypeError):
             return "missing or unreadable"
         if pubkey_fingerprint(cert.public_key()) != pubkey_fingerprint(key.public_key()):
             return "certificate and key do not match"
+        issuer = self.ca.server_issuer()
         try:
-            cert.verify_directly_issued_by(self.ca.cert)
+            cert.verify_directly_issued_by(issuer.cert)
         except (ValueError, TypeError, InvalidSignature):
-            return "not issued by the current CA"
+            return "not issued by the current CA" if issuer is self.ca else "not issued by the previous CA (rotation)"
         if cert.not_valid_after_utc - now < RENEW_BEFORE:
             return f"expires {cert.not_valid_after_utc:%Y-%m-%d}"
         try:
@@ -87,7 +95,11 @@ class ServerCertificate:
             return "no subject alternative names"
         covered = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} | set(san.get_values_for_type(x509.DNSName))
         missing = [host for host in self.hosts if host not in covered]
-        return f"does not cover {', '.join(missing)}" if missing else None
+        if missing:
+            return f"does not cover {', '.join(missing)}"
+        if [load_cert(pem) for pem in self.ca.server_chain_pems()] != chain:
+            return "its chain does not match the CA rotation state"
+        return None
 
     def ensure(self) -> bool:
         """Issue a new certificate if needed; True when one was issued."""
@@ -95,10 +107,11 @@ class ServerCertificate:
         if reason is None:
             return False
         ensure_private_dir(self.dir)
-        cert_pem, key_pem = self.ca.issue_server_cert(self.hosts, SERVER_CERT_TTL)
+        cert_pem, key_pem = self.ca.server_issuer().issue_server_cert(self.hosts, SERVER_CERT_TTL)
+        chain = "".join(self.ca.server_chain_pems())
         # Key first: a crash in between leaves a mismatch that the next check repairs.
         write_file_atomic(self.key_path, key_pem.encode(), 0o600)
-        write_file_atomic(self.cert_path, cert_pem.encode(), 0o644)
+        write_file_atomic(self.cert_path, (cert_pem + chain).encode(), 0o644)
         log.info("issued gateway server certificate for %s (previous one: %s)", ", ".join(self.hosts), reason)
         return True
 
@@ -192,8 +205,24 @@ def make_server(
     app = create_app(settings, ca=ca)
 
     def refresh_cert() -> None:
-        if server_cert.ensure():
-            server_cert.load_into(ctx)  # new handshakes use the new certificate
+        server_cert.ensure()
+        # Loaded even when this process did not re-issue it: another gateway sharing the CA
+        # directory may have. New handshakes use it.
+        server_cert.load_into(ctx)
+
+    async def on_ca_change(snapshot: CASnapshot) -> None:
+        # Adds the new CA for client certificates (an SSLContext cannot forget one: a retired CA
+        # is refused by auth until the next start).
+        ctx.load_verify_locations(cadata="\n".join(snapshot.bundle_pems))
+        server_cert.ca = snapshot.ca
+        try:
+            await asyncio.to_thread(refresh_cert)
+        except (OSError, ssl.SSLError, ValueError):
+            # E.g. another gateway was between writing the key and the certificate: the daily
+            # check, or the next CA change, loads it.
+            log.exception("could not load the re-issued gateway server certificate")
+
+    app.state.gateway.live_ca.listeners.append(on_ca_change)
 
     config = uvicorn.Config(
         app,

@@ -6,17 +6,22 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from executor_plugin.gateway.notify import LeaseNotifier
+from executor_plugin.gateway.notify import LeaseNotifier, WaitKey
 
 POLL = 0.05
 
 
 class Check:
-    """Stands in for ``store.queued_exists`` over each queue set; records what it was asked."""
+    """Stands in for ``store.queued_exists`` over each wait key; records what it was asked.
+
+    ``ready`` names queues with work; ``refused`` maps an agent to the queues whose only work it
+    refused (a key with that agent as ``refused_by`` does not see them).
+    """
 
     def __init__(self) -> None:
         self.ready: set[str] = set()
-        self.calls: list[list[tuple[str, ...]]] = []
+        self.refused: dict[str, set[str]] = {}
+        self.calls: list[list[WaitKey]] = []
         self.fail = False
         self._lock = threading.Lock()
         self.active = 0
@@ -27,10 +32,10 @@ class Check:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
-            self.calls.append(sorted(sets))
+            self.calls.append(sorted(sets, key=lambda k: (k.queues, k.refused_by or "")))
             if self.fail:
                 raise RuntimeError("database is down")
-            return [s for s in sets if self.ready & set(s)]
+            return [k for k in sets if (self.ready - self.refused.get(k.refused_by, set())) & set(k.queues)]
         finally:
             with self._lock:
                 self.active -= 1
@@ -61,7 +66,7 @@ def test_one_poller_one_query_per_distinct_queue_set():
         check.ready.update({"b", "c"})
         assert all(await asyncio.gather(*waiters))
         assert check.max_active == 1
-        assert all(call == [("a", "b"), ("c",)] for call in check.calls)
+        assert all(call == [WaitKey(("a", "b")), WaitKey(("c",))] for call in check.calls)
         await notifier.aclose()
 
     asyncio.run(main())
@@ -120,6 +125,24 @@ def test_failing_check_times_waiters_out_then_recovers():
         assert await notifier.wait(("a",), 0.3) is False
         check.fail = False
         assert await notifier.wait(("a",), 30) is True
+        await notifier.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_refusing_agent_waits_on_its_own_key_and_is_not_woken_by_what_it_refused():
+    async def main():
+        check = Check()
+        check.ready.add("a")
+        check.refused["ag_1"] = {"a"}
+        notifier = LeaseNotifier(check, POLL)
+        shared = asyncio.create_task(notifier.wait(("a",), 30))
+        own = asyncio.create_task(notifier.wait(("a",), 0.5, refused_by="ag_1"))
+        assert await shared is True
+        assert await own is False  # the only job on "a" is one ag_1 refused
+        assert WaitKey(("a",), "ag_1") in {key for call in check.calls for key in call}
+        check.ready.add("b")
+        assert await notifier.wait(("a", "b"), 30, refused_by="ag_1") is True
         await notifier.aclose()
 
     asyncio.run(main())

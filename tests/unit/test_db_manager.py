@@ -28,8 +28,14 @@ from sqlalchemy import Column, Integer, MetaData, create_engine, inspect, text  
 from executor_plugin.db_manager import VERSION_TABLE, EdgeAgentDBManager  # noqa: E402
 from executor_plugin.models import metadata  # noqa: E402
 
-OUR_TABLES = {"edge_agent_job", "edge_agent_agent", "edge_agent_token"}
-HEAD = "0001"
+OUR_TABLES = {
+    "edge_agent_job",
+    "edge_agent_agent",
+    "edge_agent_token",
+    "edge_agent_queue_policy",
+    "edge_agent_job_refusal",
+}
+HEAD = "0002"
 
 
 def airflow_env(home: Path) -> dict[str, str]:
@@ -129,6 +135,33 @@ def test_schema_diff_does_detect_a_drift(migrated_home):
     drifted.tables["edge_agent_job"].append_column(Column("extra", Integer, nullable=True))
     diff = schema_diff(migrated_home / "airflow.db", drifted)
     assert [entry[0] for entry in diff] == ["add_column"]
+
+
+def test_upgrade_from_0001_keeps_rows_and_matches_the_models(tmp_path):
+    # An existing 0.1.0 database: its agents survive the upgrade and get the new column empty.
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    config = Config(EdgeAgentDBManager.alembic_file)
+    config.set_main_option("script_location", EdgeAgentDBManager.migration_dir)
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0001")
+            conn.execute(
+                text(
+                    "INSERT INTO edge_agent_agent (id, name, queues, region, state, token_id, pubkey_fp, "
+                    "slots_total, slots_free, created_at) VALUES ('ag_1', 'n', '[\"q\"]', 'eu-1', 'active', "
+                    "'t', 'fp', 0, 0, '2026-01-01 00:00:00')"
+                )
+            )
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "heads")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id, cert_issuer FROM edge_agent_agent")).all() == [("ag_1", None)]
+    finally:
+        engine.dispose()
+    assert db_revision(tmp_path / "x.db") == HEAD
+    assert schema_diff(tmp_path / "x.db") == []
 
 
 def test_downgrade_removes_everything(tmp_path):

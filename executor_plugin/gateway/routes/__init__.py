@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 if TYPE_CHECKING:
     from airflow.api_fastapi.auth.tokens import JWTGenerator
 
+    from executor_plugin.gateway.ca_watch import LiveCA
     from executor_plugin.gateway.notify import LeaseNotifier
     from executor_plugin.pki import CertificateAuthority
     from executor_plugin.settings import HostedSettings
@@ -29,10 +30,15 @@ class GatewayState:
     """Everything the routes need, built once by ``create_app`` and kept on ``app.state.gateway``."""
 
     settings: "HostedSettings"
-    ca: "CertificateAuthority"
+    #: The CA as on disk now (follows ``ca rotate`` / ``ca retire-old`` within seconds).
+    live_ca: "LiveCA"
     notifier: "LeaseNotifier"
     #: Signs the workload tokens handed out with each lease (same as ``BaseExecutor.jwt_generator``).
     jwt_generator: "JWTGenerator"
+
+    @property
+    def ca(self) -> "CertificateAuthority":
+        return self.live_ca.ca
 
 
 def gateway_state(request: Request) -> GatewayState:
@@ -52,10 +58,10 @@ async def db(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def build_router() -> APIRouter:
-    from executor_plugin.gateway.routes import heartbeat, jobs, lease, register, trust
+    from executor_plugin.gateway.routes import heartbeat, jobs, lease, lifecycle, register, trust
 
     router = APIRouter()
-    for module in (trust, register, lease, jobs, heartbeat):
+    for module in (trust, register, lifecycle, lease, jobs, heartbeat):
         router.include_router(module.router)
     return router
 

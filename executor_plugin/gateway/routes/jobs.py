@@ -3,6 +3,14 @@
 Both present the job's fencing id: a job that is not this agent's answers 404, a stale fencing id
 (the lease lapsed and the job moved on) answers 409.
 
+A ``refused`` report (the agent's local policy refused a leased job, which never ran) is recorded by
+``store.refuse_job``: the job goes back to the queue for other agents, or fails with the reason when
+no other agent could take it; a repeat of the same report is accepted again.
+
+Log chunks of a job whose queue policy keeps logs in the agent's region (``logs = local``) are
+refused with 403, whatever the lease said: an agent that ships them anyway is misbehaving, and the
+hosted side must never store them.
+
 Log chunks are appended to ``{base_log_folder}/{workload.log_path}``, where Airflow's UI reads task
 logs. Each chunk carries its byte offset in the agent's log file, so a resent chunk (its response
 was lost) is not written twice: the part the file already has is skipped, and a chunk starting past
@@ -25,8 +33,15 @@ from edge_agent.protocol import JobReport, LogChunk, job_logs_path, job_state_pa
 from executor_plugin import store
 from executor_plugin.gateway.auth import current_agent
 from executor_plugin.gateway.routes import db, gateway_state
+from executor_plugin.policy import LOGS_LOCAL, log_policy
 
 router = APIRouter()
+
+LOGS_STAY_LOCAL = "this job's queue policy keeps task logs in the agent's region: do not ship them"
+
+
+class LogsStayLocal(Exception):
+    pass
 
 
 class LogGap(Exception):
@@ -62,6 +77,8 @@ async def report_state(
 
 def _log_target(session: Session, agent_id: str, job_id: str, fencing: int, base: Path) -> Path | None:
     job = store.job_for_agent(session, agent_id, job_id, fencing)
+    if log_policy(store.get_queue_policy(session, job.queue)) == LOGS_LOCAL:
+        raise LogsStayLocal(job_id)
     try:
         log_path = json.loads(job.workload).get("log_path")
     except (ValueError, AttributeError):
@@ -105,6 +122,8 @@ async def append_logs(
         target = await db(_log_target, agent.id, job_id, body.fencing, base)
     except (store.JobNotFound, store.StaleFencing) as exc:
         raise _job_errors(exc) from None
+    except LogsStayLocal:
+        raise HTTPException(403, LOGS_STAY_LOCAL) from None
     if target is None:
         # Nowhere to put it (the workload names no log file): accept and drop, the task still runs.
         return Response(status_code=204)

@@ -7,8 +7,13 @@ reply is then ``{"lease": null}``. Between lease attempts the request waits on t
 
 * A draining agent is answered at once with no lease; one with no free slot is held without leasing
   (so its poll cadence stays the same).
+* What may be leased is decided by ``store.lease_next`` at each attempt, from the agent row and the
+  queue policies as they are then (a policy change applies to held polls too).
+* A held request re-reads its agent at least every :data:`AGENT_RECHECK_SECONDS`: a revoked agent's
+  poll ends with 403 within seconds, a drained one's with no lease.
 * The workload's task token is replaced by one minted now: the scheduler's may have aged in the
   queue, and a workload token only lives ``[scheduler] task_queued_timeout``.
+* The lease carries the queue's log policy (``hosted`` or ``local``).
 """
 
 from __future__ import annotations
@@ -17,18 +22,33 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
+from datetime import timedelta
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
+from sqlalchemy.orm import Session
 
-from edge_agent.protocol import LEASE_PATH, MAX_LEASE_WAIT_SECONDS, JobState, Lease, LeaseRequest, LeaseResponse
+from edge_agent.protocol import (
+    LEASE_PATH,
+    MAX_LEASE_WAIT_SECONDS,
+    JobState,
+    Lease,
+    LeaseRequest,
+    LeaseResponse,
+    LogPolicy,
+)
 from executor_plugin import store
 from executor_plugin.gateway.auth import current_agent
 from executor_plugin.gateway.notify import LeaseNotifier
 from executor_plugin.gateway.routes import GatewayState, db, gateway_state
 from executor_plugin.models import AgentStatus
+from executor_plugin.policy import log_policy
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+
+#: A held lease request re-reads its agent row at least this often (revocation, drain).
+AGENT_RECHECK_SECONDS = 2.0
 
 
 def workload_token_generator():
@@ -45,7 +65,7 @@ def workload_token_generator():
     )
 
 
-def _to_lease(job: store.Job, state: GatewayState) -> Lease:
+def _to_lease(job: store.Job, logs: str, state: GatewayState) -> Lease:
     from airflow.executors.workloads import ExecuteTask
 
     workload = json.loads(job.workload)
@@ -64,6 +84,7 @@ def _to_lease(job: store.Job, state: GatewayState) -> Lease:
         try_number=job.try_number,
         workload=workload,
         lease_expires_at=job.lease_expires_at,
+        log_policy=LogPolicy(logs),
     )
 
 
@@ -74,22 +95,49 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    agent: store.Agent | None  # the row as it is now (None: gone)
+    job: store.Job | None = None
+    log_policy: str = "hosted"
+    #: Queues the agent may serve now (what to wait on when nothing was leased).
+    queues: tuple[str, ...] = ()
+
+
+def _attempt(session: Session, agent_id: str, lease: bool, lease_ttl: timedelta) -> _Attempt:
+    """One database round trip: re-read the agent, then try to lease (when it has a free slot)."""
+    agent = store.get_agent(session, agent_id)
+    if agent is None or agent.state != AgentStatus.ACTIVE:
+        return _Attempt(agent=agent)
+    if lease:
+        job = store.lease_next(session, agent, lease_ttl=lease_ttl)
+        if job is not None:
+            return _Attempt(agent=agent, job=job, log_policy=log_policy(store.get_queue_policy(session, job.queue)))
+        return _Attempt(agent=agent, queues=store.eligible_queues(session, agent))
+    return _Attempt(agent=agent)
+
+
 async def _wait(
-    notifier: LeaseNotifier, queues: tuple[str, ...], deadline: float, disconnected: asyncio.Future[None]
-) -> bool:
-    """True when woken for possible work; False on timeout, client disconnect or shutdown."""
-    remaining = deadline - asyncio.get_running_loop().time()
-    if remaining <= 0 or disconnected.done():
-        return False
-    waiter = asyncio.ensure_future(notifier.wait(queues, remaining))
+    notifier: LeaseNotifier,
+    queues: tuple[str, ...],
+    timeout: float,
+    disconnected: asyncio.Future[None],
+    refused_by: str | None,
+) -> str:
+    """``"work"`` when woken for possible work, ``"timeout"``, or ``"gone"`` (client left, shutdown)."""
+    if disconnected.done() or notifier.closed:
+        return "gone"
+    waiter = asyncio.ensure_future(notifier.wait(queues, timeout, refused_by=refused_by))
     done, _ = await asyncio.wait({waiter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-    if waiter in done:
+    if waiter not in done:
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        return "gone"
+    if disconnected.done() or notifier.closed:
         # A job leased for a client that has gone would sit unseen until its lease lapses.
-        return waiter.result() and not disconnected.done()
-    waiter.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await waiter
-    return False
+        return "gone"
+    return "work" if waiter.result() else "timeout"
 
 
 @router.post(LEASE_PATH, response_model=LeaseResponse)
@@ -97,17 +145,23 @@ async def lease(body: LeaseRequest, request: Request, agent: store.Agent = Depen
     state = gateway_state(request)
     if agent.state != AgentStatus.ACTIVE:
         return LeaseResponse()
-    deadline = asyncio.get_running_loop().time() + min(body.wait_seconds, MAX_LEASE_WAIT_SECONDS)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(body.wait_seconds, MAX_LEASE_WAIT_SECONDS)
     disconnected = asyncio.ensure_future(_until_disconnect(request))
+    # After a wake-up that leased nothing (the job went to another agent, or this agent refused
+    # it), wait on a key that ignores this agent's refusals, or it would be woken at every poll.
+    refused_by: str | None = None
     try:
-        if body.free_slots == 0:
-            await _wait(state.notifier, (), deadline, disconnected)
-            return LeaseResponse()
         while True:
-            job = await db(store.lease_next, agent, lease_ttl=state.settings.lease_ttl)
-            if job is not None:
+            attempt = await db(_attempt, agent.id, body.free_slots > 0, state.settings.lease_ttl)
+            if attempt.agent is None or attempt.agent.state == AgentStatus.REVOKED:
+                raise HTTPException(403, f"agent {agent.id} is revoked")
+            if attempt.agent.state != AgentStatus.ACTIVE:
+                return LeaseResponse()
+            if attempt.job is not None:
+                job = attempt.job
                 try:
-                    return LeaseResponse(lease=_to_lease(job, state))
+                    return LeaseResponse(lease=_to_lease(job, attempt.log_policy, state))
                 except ValueError as exc:
                     # A corrupt row would otherwise be leased, fail and be retried forever.
                     log.error("job %s has an unreadable workload (%s); failing it", job.id, exc)
@@ -116,7 +170,15 @@ async def lease(body: LeaseRequest, request: Request, agent: store.Agent = Depen
                         reason=f"unreadable workload: {exc}",
                     )
                     continue
-            if not await _wait(state.notifier, agent.queues, deadline, disconnected):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 return LeaseResponse()
+            outcome = await _wait(
+                state.notifier, attempt.queues, min(remaining, AGENT_RECHECK_SECONDS), disconnected, refused_by
+            )
+            if outcome == "gone":
+                return LeaseResponse()
+            if outcome == "work":
+                refused_by = agent.id
     finally:
         disconnected.cancel()

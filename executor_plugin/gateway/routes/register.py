@@ -48,10 +48,11 @@ def _enroll(
         agent = store.create_agent(
             session, agent_id=agent_id, name=name or token_rec.name or agent_id, token=token_rec, pubkey_fp=pubkey_fp
         )
-    cert_pem, serial, not_after = state.ca.sign_agent_csr(
+    ca = state.ca
+    cert_pem, serial, not_after = ca.sign_agent_csr(
         csr_pem, agent_id=agent.id, trust_domain=state.settings.trust_domain, ttl=state.settings.cert_ttl
     )
-    store.set_agent_cert(session, agent.id, serial=serial, not_after=not_after)
+    store.set_agent_cert(session, agent.id, serial=serial, not_after=not_after, issuer=ca.pin.hex())
     return agent, cert_pem, not_after
 
 
@@ -62,7 +63,7 @@ async def register(body: RegisterRequest, request: Request) -> AgentIdentity:
         token = RegistrationToken.parse(body.token)
     except TokenFormatError as exc:
         raise HTTPException(400, str(exc)) from None
-    bundle = state.ca.bundle_pems()
+    bundle = list(state.live_ca.snapshot.bundle_pems)
     if not any(hmac.compare_digest(token.ca_pin, spki_pin(pem)) for pem in bundle):
         raise HTTPException(401, "registration token was minted for another CA (its pin does not match)")
     try:

@@ -17,4 +17,4 @@ router = APIRouter()
 @router.get(TRUST_BUNDLE_PATH, response_model=TrustBundle)
 def trust_bundle(request: Request) -> TrustBundle:
     state = gateway_state(request)
-    return TrustBundle(ca_pems=state.ca.bundle_pems(), trust_domain=state.settings.trust_domain)
+    return TrustBundle(ca_pems=list(state.live_ca.snapshot.bundle_pems), trust_domain=state.settings.trust_domain)
