@@ -221,6 +221,51 @@ def status(
     raise typer.Exit(0 if report["gateway"]["accepted"] else 1)
 
 
+service_app = typer.Typer(help="Install edge-agent as a systemd service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+
+@service_app.command("install")
+def service_install(
+    url: Optional[str] = typer.Option(None, "--url", help="Gateway URL the service registers with on its first start."),
+    token_file: Optional[Path] = typer.Option(
+        None, "--token-file",
+        help="Registration token, copied to /etc/edge-agent/registration-token (0600) and handed to the "
+             "service as a systemd credential; used once on the first start.",
+    ),
+    user: Optional[str] = typer.Option(
+        None, "--user", help="Run as this existing user (default: a systemd DynamicUser, no account needed)."
+    ),
+    binary: Optional[str] = typer.Option(
+        None, "--binary", help="Path of the edge-agent executable the unit starts (default: this one)."
+    ),
+    runtime_python: Optional[str] = typer.Option(None, "--runtime-python", help="Python that runs the tasks."),
+    dags_folder: Optional[str] = typer.Option(None, "--dags-folder", help="Where the DAG files are on this machine."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", help="Tasks run at the same time."),
+    root: Path = typer.Option(Path("/"), "--root", help="Install below this directory (for images and tests)."),
+) -> None:
+    """Write the hardened systemd unit, its environment file and the registration token.
+
+    Nothing is started: afterwards run 'systemctl daemon-reload && systemctl enable --now edge-agent'.
+    Running it again updates the unit and keeps an edited environment file.
+    """
+    import shutil
+    import sys
+
+    from edge_agent.service import install
+
+    exe = binary or shutil.which("edge-agent") or sys.argv[0]
+    done = install(
+        Path(exe).resolve(), user, root=root, token_file=token_file, url=url, runtime_python=runtime_python,
+        dags_folder=dags_folder, concurrency=concurrency,
+    )
+    typer.echo(f"unit:      {done.unit}")
+    typer.echo(f"env file:  {done.env_file}" + (" (kept: already present)" if done.env_file_kept else ""))
+    if done.token:
+        typer.echo(f"token:     {done.token} (0600, used once on first start)")
+    typer.echo("next:      systemctl daemon-reload && systemctl enable --now edge-agent")
+
+
 @app.command()
 def health(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),

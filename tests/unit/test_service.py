@@ -235,3 +235,35 @@ def status(**fields) -> dict:
 def test_health(st, ok, words) -> None:
     verdict = health(st, now=NOW)
     assert verdict.ok is ok and words in verdict.reason, verdict
+
+
+def test_cli_service_install_into_a_root(tmp_path):
+    """'edge-agent service install' writes a unit systemd accepts, and the token 0600."""
+    import shutil
+    import stat
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from edge_agent.cli import app
+
+    token = tmp_path / "token"
+    token.write_text("eat1_x\n")
+    root = tmp_path / "root"
+    binary = tmp_path / "edge-agent"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    result = CliRunner().invoke(
+        app, ["service", "install", "--root", str(root), "--url", "https://gw.example:8443",
+              "--token-file", str(token), "--binary", str(binary)],
+    )
+    assert result.exit_code == 0, result.output
+    unit = root / "etc/systemd/system/edge-agent.service"
+    assert "Type=notify" in unit.read_text() and str(binary) in unit.read_text()
+    written = root / "etc/edge-agent/registration-token"
+    assert written.read_text().strip() == "eat1_x" and stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert "https://gw.example:8443" in (root / "etc/edge-agent/edge-agent.env").read_text()
+    analyze = shutil.which("systemd-analyze")
+    if analyze:
+        check = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
