@@ -30,7 +30,6 @@ import json
 import re
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
-from urllib.parse import unquote
 
 from pydantic import BaseModel, ValidationError
 
@@ -150,11 +149,11 @@ class AgentAPI:
         Status codes pass through untouched (they belong to Airflow's API); only transport failures
         raise (GatewayUnreachable / ServerCertInvalid).
         """
-        target = unquote(path.split("?", 1)[0])
-        if not (path.startswith(p.EXECUTION_PREFIX) and target.startswith(p.EXECUTION_PREFIX)) or ".." in target:
+        refusal = p.execution_target_refusal(path)
+        if refusal is not None:
             # Defence in depth: the forwarder filters too, but this client carries our certificate
             # and must never be pointed at the agent API on a task's behalf.
-            raise RequestRejected(f"refusing to relay {path!r}: only {p.EXECUTION_PREFIX}* is forwarded")
+            raise RequestRejected(f"refusing to relay {path!r}: {refusal}")
         fwd = {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
         resp = self._send(method, path, content=body, headers=fwd)
         out = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}

@@ -31,10 +31,9 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import EXECUTION_PREFIX
+from edge_agent.errors import ConfigError, RequestRejected
+from edge_agent.protocol import execution_target_refusal
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +55,8 @@ class ForwarderError(ConfigError):
     """The forwarder cannot start: unsafe socket directory, socket in use, or bind failure."""
 
 
-def refusal_reason(target: str) -> str | None:
-    """Why ``target`` (the request line's target) must not be relayed, or ``None`` when it may."""
-    if not target.startswith("/"):
-        return "only origin-form request targets are relayed"
-    raw_path = urlsplit(target).path
-    path = unquote(raw_path)
-    if not (raw_path.startswith(EXECUTION_PREFIX) and path.startswith(EXECUTION_PREFIX)):
-        return f"only {EXECUTION_PREFIX}* is relayed"
-    # Upstream URL normalisation would turn /execution/../agents/v1/... into an agent API call.
-    if any(segment in (".", "..") for segment in path.split("/")) or "\\" in path:
-        return "dot segments are not allowed in relayed paths"
-    return None
+#: Kept under this name for callers of the forwarder module.
+refusal_reason = execution_target_refusal
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -135,6 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items() if k.lower() in REQUEST_HEADERS}
         try:
             status, resp_headers, resp_body = self.server.send(self.command, self.path, headers, body)
+        except RequestRejected as exc:  # refused before leaving the agent: retrying cannot help
+            self._reply_json(403, f"edge-agent forwarder: {exc}")
+            return
         except Exception as exc:  # any upstream failure must reach the SDK as a retryable 5xx
             detail = f"edge-agent forwarder: upstream request failed: {type(exc).__name__}: {exc}"
             log.warning("%s %s: %s", self.command, self.path[:200], detail)

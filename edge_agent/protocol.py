@@ -13,6 +13,7 @@ import base64
 import enum
 import secrets
 import zlib
+from urllib.parse import unquote, urlsplit
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,6 +31,26 @@ RENEW_PATH = f"{API_PREFIX}/renew"
 #: DELETE: the agent removes itself (``edge-agent unregister``).
 SELF_PATH = f"{API_PREFIX}/self"
 EXECUTION_PREFIX = "/execution/"
+
+
+def execution_target_refusal(target: str) -> str | None:
+    """Why a task's request target must not be relayed to the gateway, or ``None`` when it may.
+
+    Only origin-form ``/execution/*`` targets pass, and no dot segment in the decoded path: URL
+    normalisation upstream would turn ``/execution/../agents/v1/lease`` into an agent API call made
+    with the agent's own certificate. A ``..`` inside a segment (``/execution/variables/a..b``) is a
+    legitimate name and passes.
+    """
+    if not target.startswith("/"):
+        return "only origin-form request targets are relayed"
+    raw_path = urlsplit(target).path
+    path = unquote(raw_path)
+    if not (raw_path.startswith(EXECUTION_PREFIX) and path.startswith(EXECUTION_PREFIX)):
+        return f"only {EXECUTION_PREFIX}* is relayed"
+    # "..;x" is a dot segment to servers that strip path parameters (Tomcat): refused as well.
+    if any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/")) or "\\" in path:
+        return "dot segments are not allowed in relayed paths"
+    return None
 
 
 def job_state_path(job_id: str) -> str:
@@ -289,6 +310,7 @@ __all__ = [
     "TokenFormatError",
     "TrustBundle",
     "WhoAmI",
+    "execution_target_refusal",
     "job_logs_path",
     "job_state_path",
 ]

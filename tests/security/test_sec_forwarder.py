@@ -138,8 +138,8 @@ def test_double_encoded_dot_segments_stay_inside_the_execution_mount(relay):
 
 
 def test_semicolon_dot_segment_never_reaches_the_agent_api(relay):
-    # '..;' is a dot segment for some servers (Tomcat). The forwarder passes it as an ordinary
-    # segment; the agent's client refuses any '..' itself. Either way nothing leaves for the agent API.
+    # '..;' is a dot segment for servers that strip path parameters (Tomcat): the forwarder and the
+    # agent's client both refuse it, so nothing leaves for the agent API.
     forwarder, recorder, job_id, gw = relay
     before = job_row(gw, job_id)
     status, raw = raw_request(forwarder.socket_path, "POST", "/execution/..;/agents/v1/lease", LEASE_BODY)

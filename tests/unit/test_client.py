@@ -311,3 +311,24 @@ def test_certificate_refused_tells_a_rejected_certificate_from_a_dead_network(tm
         server.server_close()
         thread.join()
     assert certificate_refused(identity, timeout=10) is False  # nothing listens now: plain unreachable
+
+
+def test_execution_request_relays_names_with_dots_and_refuses_traversal() -> None:
+    import httpx
+    import pytest
+
+    from edge_agent.client import AgentAPI
+    from edge_agent.errors import RequestRejected
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.raw_path.decode())
+        return httpx.Response(200, json={"ok": True})
+
+    api = AgentAPI(httpx.Client(base_url="https://gw.test", transport=httpx.MockTransport(handler)))
+    status, _, _ = api.execution_request("GET", "/execution/variables/a..b", {}, b"")
+    assert status == 200 and seen == ["/execution/variables/a..b"]
+    with pytest.raises(RequestRejected):
+        api.execution_request("GET", "/execution/../agents/v1/lease", {}, b"")
+    assert len(seen) == 1
