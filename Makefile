@@ -42,8 +42,9 @@ package: install
 	$(PY) packaging/build.py --onedir --onefile --tarball
 	sh packaging/deb/build_deb.sh
 
-# The container image needs a container engine with registry access (docker, podman or buildah).
-CONTAINER ?= podman
+# The container image, built without a Docker daemon (buildah; CONTAINER=podman or docker work too).
+# Its base image comes from a registry, so this needs registry access.
+CONTAINER ?= buildah
 image:
 	$(CONTAINER) build -f packaging/container/Containerfile -t edge-agent:0.1.0 .
 
