@@ -7,7 +7,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 ARGS        ?=
 
-.PHONY: venv install demo test test-unit test-e2e package image clean
+.PHONY: venv install demo test test-unit test-e2e package image bench clean
 
 venv: $(PY)
 
@@ -36,6 +36,22 @@ test-unit: install
 
 test-e2e: install
 	$(PY) -m pytest -ra -m e2e tests/e2e $(ARGS)
+
+# The issue-5 benchmark (about 30 min on 2 cores; ARGS=--quick for ~5 min), not part of make test.
+# Airflow's edge3 provider is installed only into this separate environment, never into .venv.
+BENCH_VENV  := build/bench-venv
+BENCH_PY    := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON_BOOT) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --upgrade pip setuptools wheel
+	$(BENCH_PY) -m pip install -e '.[server,test,bench]' 'apache-airflow-providers-edge3==5.1.0'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	bash scripts/install-test-deps.sh
+	$(BENCH_PY) -m bench.run $(ARGS)
 
 # Standalone agent binaries (PyInstaller onedir + onefile, release tarball) and the .deb, in dist/.
 package: install
