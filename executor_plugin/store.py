@@ -42,6 +42,17 @@ from executor_plugin.policy import LOGS_HOSTED, QueuePolicy, could_serve, servab
 _LEASE_CANDIDATES = 8
 
 
+#: A job handed back to the queue: no holder, and a new fencing id so the old holder's late
+#: reports are refused.
+_BACK_TO_QUEUE = dict(
+    state=JobStatus.QUEUED,
+    agent_id=None,
+    leased_at=None,
+    lease_expires_at=None,
+    fencing=job_table.c.fencing + 1,
+)
+
+
 class StoreError(Exception):
     """Base of the store's refusals; the gateway maps each to an HTTP status."""
 
@@ -307,13 +318,7 @@ def requeue_expired_leases(session: Session, now: datetime | None = None) -> int
     result = session.execute(
         update(job_table)
         .where(job_table.c.state == JobStatus.LEASED, job_table.c.lease_expires_at < (now or utcnow()))
-        .values(
-            state=JobStatus.QUEUED,
-            agent_id=None,
-            leased_at=None,
-            lease_expires_at=None,
-            fencing=job_table.c.fencing + 1,
-        )
+        .values(**_BACK_TO_QUEUE)
     )
     return result.rowcount
 
@@ -514,13 +519,7 @@ def _requeue_leased_of(session: Session, agent_id: str) -> int:
     result = session.execute(
         update(job_table)
         .where(job_table.c.agent_id == agent_id, job_table.c.state == JobStatus.LEASED)
-        .values(
-            state=JobStatus.QUEUED,
-            agent_id=None,
-            leased_at=None,
-            lease_expires_at=None,
-            fencing=job_table.c.fencing + 1,
-        )
+        .values(**_BACK_TO_QUEUE)
     )
     return result.rowcount
 
@@ -909,13 +908,7 @@ def refuse_job(
         session.execute(
             update(job_table)
             .where(*guard)
-            .values(
-                state=JobStatus.QUEUED,
-                agent_id=None,
-                leased_at=None,
-                lease_expires_at=None,
-                fencing=job_table.c.fencing + 1,
-            )
+            .values(**_BACK_TO_QUEUE)
         )
     else:
         why = f"refused by agent {agent_id}: {reason or 'no reason given'}"
