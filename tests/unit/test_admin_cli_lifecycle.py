@@ -19,28 +19,8 @@ if "AIRFLOW_HOME" not in os.environ:
 from sqlalchemy import create_engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-
-def airflow_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
-        AIRFLOW__EDGE_AGENT__CA_DIR=str(home / "ca"),
-    )
-    return env
-
-
-def edge_agents(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "airflow", "edge-agents", *args],
-        env=airflow_env(home), cwd=home, capture_output=True, text=True, timeout=300,
-    )
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
-    return proc
+# The same subprocess helpers as the issue-2 admin commands' tests (tests/unit is on sys.path).
+from test_admin_cli import airflow_env, edge_agents, ok  # noqa: E402
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], contains: str, status: int = 2) -> None:
