@@ -11,7 +11,6 @@ import keyring
 import keyring.errors
 import pytest
 import trustme
-from keyring.backend import KeyringBackend
 
 from edge_agent.errors import ConfigError
 from edge_agent.identity import keystore as ks_mod
@@ -20,22 +19,8 @@ from edge_agent.identity.keystore import Keystore, StoredIdentity
 ROTATION_FILES = {"rotation.json", "agent.key.next", "agent.pem.next"}
 
 
-class MemoryKeyring(KeyringBackend):
-    priority = 5  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.secrets.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.secrets[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        if self.secrets.pop((service, username), None) is None:
-            raise keyring.errors.PasswordDeleteError("not found")
+# The in-memory recommended backend of the key store's own tests (tests/unit is on sys.path).
+from test_keystore import MemoryKeyring  # noqa: E402
 
 
 @pytest.fixture()
