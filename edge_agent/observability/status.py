@@ -3,11 +3,20 @@
 The agent pushes facts into a :class:`StatusBoard` (each loop a one-line "what I am doing now", the
 jobs, the slots, the last heartbeat); the board rewrites the file atomically whenever a fact changes,
 so a reader never sees a half-written file. Nothing secret goes in here.
+
+Outages: ``gateway`` is ``{"reachable": bool|null, "since": ISO|null, "last_error": str|null}``,
+where ``since`` is the start of the current outage or of the current reachable streak (null before
+the first call) and ``last_error`` the error of the current outage (null while reachable);
+``spool`` is ``{"jobs": int, "bytes": int}``, the job records with reports still to deliver. The
+board logs one line when the gateway becomes unreachable and one when it is back, with the
+outage's length. ``gateway_reachable`` and ``last_error`` at the top level are kept for readers of
+older versions.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -17,9 +26,24 @@ from typing import Any
 
 STATUS_FILE = "status.json"
 
+log = logging.getLogger(__name__)
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def outage_seconds(gateway: object, now: datetime | None = None) -> float | None:
+    """Seconds since ``gateway["since"]`` of a status file's gateway object, or None."""
+    if not isinstance(gateway, dict) or not isinstance(gateway.get("since"), str):
+        return None
+    try:
+        since = datetime.fromisoformat(gateway["since"])
+    except ValueError:
+        return None
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    return max(0.0, ((now or datetime.now(timezone.utc)) - since).total_seconds())
 
 
 class StatusBoard:
@@ -44,6 +68,8 @@ class StatusBoard:
             "gateway_reachable": None,
             "last_error": None,
             "last_heartbeat": None,
+            "gateway": {"reachable": None, "since": None, "last_error": None},
+            "spool": {"jobs": 0, "bytes": 0},
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -71,21 +97,40 @@ class StatusBoard:
     def gateway(self, ok: bool, error: str | None = None) -> None:
         """Record the outcome of the latest call to the gateway (any loop)."""
         with self._lock:
-            changed = self._data["gateway_reachable"] is not ok
-            self._data["gateway_reachable"] = ok
-            if error is not None and self._data["last_error"] != error:
-                self._data["last_error"] = error
-                changed = True
-            if changed:
+            if self._record_gateway(ok, error):
                 self._write()
 
     def heartbeat(self, ok: bool, error: str | None = None) -> None:
         with self._lock:
             self._data["last_heartbeat"] = {"ok": ok, "at": _now(), "error": error}
-            self._data["gateway_reachable"] = ok
-            if error is not None:
-                self._data["last_error"] = error
+            self._record_gateway(ok, error)
             self._write()
+
+    def _record_gateway(self, ok: bool, error: str | None) -> bool:
+        """Update both gateway views under the lock; True if anything changed."""
+        gw = self._data["gateway"]
+        changed = False
+        if gw["reachable"] is not ok:
+            was, since = gw["reachable"], gw["since"]
+            now = _now()
+            if was is True and not ok:
+                log.warning("gateway unreachable: %s (running tasks go on; reports are spooled)", error)
+            elif was is False and ok:
+                seconds = outage_seconds({"since": since})
+                log.info("gateway reachable again after an outage of %s s", f"{seconds:.0f}" if seconds is not None else "?")
+            gw.update(reachable=ok, since=now)
+            changed = True
+        wanted_error = None if ok else (error or gw["last_error"])
+        if gw["last_error"] != wanted_error:
+            gw["last_error"] = wanted_error
+            changed = True
+        if self._data["gateway_reachable"] is not ok:
+            self._data["gateway_reachable"] = ok
+            changed = True
+        if error is not None and self._data["last_error"] != error:
+            self._data["last_error"] = error
+            changed = True
+        return changed
 
     def _write(self) -> None:
         if self._path is None:
@@ -133,4 +178,4 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
-__all__ = ["STATUS_FILE", "StatusBoard", "read_status"]
+__all__ = ["STATUS_FILE", "StatusBoard", "outage_seconds", "read_status"]
