@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -101,22 +103,36 @@ class ServerCertificate:
             return "its chain does not match the CA rotation state"
         return None
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Two gateways sharing a CA directory (active/active on one host) start at the same moment:
+        # without the lock one can overwrite the key between the other's write and load, and that
+        # gateway fails to start with "key values mismatch".
+        ensure_private_dir(self.dir)
+        fd = os.open(self.dir / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def ensure(self) -> bool:
         """Issue a new certificate if needed; True when one was issued."""
-        reason = self.problem()
-        if reason is None:
-            return False
-        ensure_private_dir(self.dir)
-        cert_pem, key_pem = self.ca.server_issuer().issue_server_cert(self.hosts, SERVER_CERT_TTL)
-        chain = "".join(self.ca.server_chain_pems())
-        # Key first: a crash in between leaves a mismatch that the next check repairs.
-        write_file_atomic(self.key_path, key_pem.encode(), 0o600)
-        write_file_atomic(self.cert_path, (cert_pem + chain).encode(), 0o644)
+        with self._locked():
+            reason = self.problem()
+            if reason is None:
+                return False
+            cert_pem, key_pem = self.ca.server_issuer().issue_server_cert(self.hosts, SERVER_CERT_TTL)
+            chain = "".join(self.ca.server_chain_pems())
+            # Key first: a crash in between leaves a mismatch that the next check repairs.
+            write_file_atomic(self.key_path, key_pem.encode(), 0o600)
+            write_file_atomic(self.cert_path, (cert_pem + chain).encode(), 0o644)
         log.info("issued gateway server certificate for %s (previous one: %s)", ", ".join(self.hosts), reason)
         return True
 
     def load_into(self, ctx: ssl.SSLContext) -> None:
-        ctx.load_cert_chain(str(self.cert_path), str(self.key_path))
+        with self._locked():
+            ctx.load_cert_chain(str(self.cert_path), str(self.key_path))
 
 
 def build_ssl_context(ca: CertificateAuthority, server_cert: ServerCertificate) -> ssl.SSLContext:

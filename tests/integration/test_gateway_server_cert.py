@@ -74,3 +74,31 @@ def test_tls_context_makes_client_certificates_optional(tmp_path):
     assert ctx.verify_mode == ssl.CERT_OPTIONAL
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
     assert len(ctx.get_ca_certs()) == 1
+
+
+def test_two_gateways_issuing_at_once_never_mix_key_and_certificate(tmp_path) -> None:
+    """Active/active gateways on one host share the CA directory and start together."""
+    import ssl
+    import threading
+
+    from executor_plugin.gateway.server import ServerCertificate
+    from executor_plugin.pki import CertificateAuthority
+
+    CertificateAuthority.init(tmp_path / "ca")
+    errors: list[BaseException] = []
+
+    def start_one(i: int) -> None:
+        try:
+            for _ in range(5):
+                cert = ServerCertificate(CertificateAuthority.load(tmp_path / "ca"), ["127.0.0.1", f"gw{i}.test"])
+                cert.ensure()  # each host list differs: every call re-issues
+                cert.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start_one, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
