@@ -154,13 +154,14 @@ def _describe(exc: BaseException) -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     from executor_plugin.pki import PKIError
+    from executor_plugin.settings import SettingsError
     from executor_plugin.store import StoreError
 
     if isinstance(exc, SQLAlchemyError):
         first = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         return f"database error: {first} (is the database reachable, and did 'airflow db migrate' run?)"
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (PKIError, StoreError, OSError)):
+    if isinstance(exc, (PKIError, StoreError, SettingsError, OSError)):
         return text
     return f"{type(exc).__name__}: {text} (run with --verbose for details)"
 
@@ -343,34 +344,43 @@ def token_create(args: argparse.Namespace) -> None:
 
 @_one_line_errors
 def agents_list(args: argparse.Namespace) -> None:
-    """Show every registered agent."""
+    """Show every registered agent, with whether it is online (heartbeat within the window)."""
     from airflow.utils.session import create_session
 
     from executor_plugin import store
+    from executor_plugin.settings import agent_dead_after_from_conf
 
+    dead_after = agent_dead_after_from_conf()
     with create_session(scoped=False) as session:
         agents = store.list_agents(session)
         running = store.running_job_counts(session)
     current_pin = _current_ca_pin()
-    rows = [
-        {
-            "id": agent.id,
-            "name": agent.name,
-            "queues": list(agent.queues),
-            "region": agent.region,
-            "state": agent.state,
-            "slots_free": agent.slots_free,
-            "slots_total": agent.slots_total,
-            "running_jobs": running.get(agent.id, 0),
-            "last_heartbeat": _iso(agent.last_heartbeat),
-            "version": agent.version,
-            "cert_not_after": _iso(agent.cert_not_after),
-            "cert_serial": agent.cert_serial,
-            "cert_issuer": agent.cert_issuer,
-            "cert_ca": _ca_label(agent.cert_issuer, current_pin),
-        }
-        for agent in agents
-    ]
+    now = store.utcnow()
+    rows = []
+    for agent in agents:
+        age = agent.heartbeat_age(now)
+        online = agent.is_online(dead_after, now)
+        rows.append(
+            {
+                "id": agent.id,
+                "name": agent.name,
+                "queues": list(agent.queues),
+                "region": agent.region,
+                "state": agent.state,
+                "status": agent_status(agent.state, online=online, ever_seen=age is not None),
+                "online": online,
+                "heartbeat_age_seconds": round(age, 1) if age is not None else None,
+                "slots_free": agent.slots_free,
+                "slots_total": agent.slots_total,
+                "running_jobs": running.get(agent.id, 0),
+                "last_heartbeat": _iso(agent.last_heartbeat),
+                "version": agent.version,
+                "cert_not_after": _iso(agent.cert_not_after),
+                "cert_serial": agent.cert_serial,
+                "cert_issuer": agent.cert_issuer,
+                "cert_ca": _ca_label(agent.cert_issuer, current_pin),
+            }
+        )
     if args.json:
         _print_json(rows)
         return
@@ -386,10 +396,10 @@ def agents_list(args: argparse.Namespace) -> None:
                 "name": r["name"],
                 "queues": ",".join(r["queues"]),
                 "region": r["region"],
-                "state": r["state"],
+                "status": r["status"],
                 "slots free/total": f"{r['slots_free']}/{r['slots_total']}",
                 "running": r["running_jobs"],
-                "last heartbeat": r["last_heartbeat"] or "never",
+                "last heartbeat": _age_text(r["heartbeat_age_seconds"]),
                 "version": r["version"] or "-",
                 "cert expires": r["cert_not_after"] or "-",
                 "cert CA": r["cert_ca"],
@@ -397,6 +407,37 @@ def agents_list(args: argparse.Namespace) -> None:
             for r in rows
         ]
     )
+
+
+#: Every value of the ``status`` column of ``airflow edge-agents list``.
+AGENT_STATUSES = ("online", "offline", "draining", "draining (offline)", "revoked", "never seen")
+
+
+def agent_status(state: str, *, online: bool, ever_seen: bool) -> str:
+    """One word for the operator: the agent row's state combined with its liveness.
+
+    ``revoked`` wins (nothing it does matters any more), then ``never seen`` (registered, no
+    heartbeat yet: not started, or cannot reach the gateway), then draining with liveness.
+    """
+    from executor_plugin.models import AgentStatus
+
+    if state == AgentStatus.REVOKED:
+        return "revoked"
+    if not ever_seen:
+        return "never seen"
+    if state == AgentStatus.DRAINING:
+        return "draining" if online else "draining (offline)"
+    return "online" if online else "offline"
+
+
+def _age_text(age: float | None) -> str:
+    if age is None:
+        return "never"
+    if age < 120:
+        return f"{age:.0f} s ago"
+    if age < 2 * 3600:
+        return f"{age / 60:.0f} min ago"
+    return f"{age / 3600:.1f} h ago"
 
 
 def _current_ca_pin() -> str | None:
@@ -699,7 +740,7 @@ EDGE_AGENTS_COMMANDS = (
     GroupCommand(name="queue", help="Manage queue policies (regions, logs)", subcommands=QUEUE_COMMANDS),
     ActionCommand(
         name="list",
-        help="List registered agents",
+        help="List registered agents and their status (online, offline, draining, revoked, never seen)",
         func=agents_list,
         args=(ARG_JSON, ARG_VERBOSE),
     ),
@@ -741,4 +782,13 @@ def get_cli_commands() -> list[GroupCommand]:
     ]
 
 
-__all__ = ["UsageError", "get_cli_commands", "parse_regions", "parse_ttl", "validate_queues", "validate_region"]
+__all__ = [
+    "AGENT_STATUSES",
+    "UsageError",
+    "agent_status",
+    "get_cli_commands",
+    "parse_regions",
+    "parse_ttl",
+    "validate_queues",
+    "validate_region",
+]

@@ -2,10 +2,19 @@
 
 * ``queue_workload`` writes one job row per ``ExecuteTask`` in the scheduler's own session, so the
   job commits atomically with the task instance's QUEUED state; nothing is held in memory.
-* ``sync`` (every scheduler heartbeat) requeues lapsed leases, turns job state changes into
-  scheduler events (running / success / fail), and purges old reported jobs and refusals. A job an
-  agent refused and that went back to the queue is no event: the try simply waits for another
-  agent (a refusal nobody else can take fails the job, and that failure is an event).
+* ``sync`` (every scheduler heartbeat) requeues the leased jobs of agents that stopped
+  heartbeating (``[edge_agent] agent_dead_after_seconds``) and lapsed leases, turns job state
+  changes into scheduler events (running / success / fail), and purges old reported jobs and
+  refusals. A job an agent refused and that went back to the queue is no event: the try simply
+  waits for another agent (a refusal nobody else can take fails the job, and that failure is an
+  event). Every few seconds it also closes the running jobs of offline agents whose task instance
+  Airflow has settled (no event: Airflow is done with the try).
+* **Events go to the scheduler that holds the try.** With several schedulers on one database,
+  each executor emits only the events of keys in its own ``running``/``queued_tasks`` (queued by
+  it, or adopted through ``try_adopt_task_instances``): Airflow ignores an event for a task
+  instance another scheduler queued (``queued_by_job_id``), so consuming it would lose it. An
+  event no executor claims for :data:`UNCLAIMED_EVENT_TTL` (longer if Airflow's adoption of a
+  dead scheduler's tasks can take longer) is dropped.
 * ``revoke_task`` cancels a job; ``try_adopt_task_instances`` re-adopts jobs after a restart.
 
 Agents and the gateway keep working while the scheduler is down: ``end``/``terminate`` stop
@@ -30,6 +39,7 @@ from airflow.utils.session import create_session
 
 from executor_plugin import store
 from executor_plugin.models import JobStatus
+from executor_plugin.settings import agent_dead_after_from_conf
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -46,6 +56,9 @@ REFUSAL_RETENTION = timedelta(days=7)
 #: Purging is a DELETE that mostly matches nothing; on SQLite every write statement takes the
 #: database write lock, so it runs once a minute rather than on every heartbeat.
 PURGE_EVERY_SECONDS = 60.0
+#: An event no executor holds the key of is dropped once this old (see :func:`unclaimed_event_ttl`).
+#: Until then it waits for the scheduler that queued the try, or for the one that adopts its tasks.
+UNCLAIMED_EVENT_TTL = timedelta(minutes=10)
 
 KeyTuple = tuple[str, str, str, int, int]
 
@@ -66,6 +79,21 @@ def key_tuple(key: TaskInstanceKey) -> KeyTuple:
     return (key.dag_id, key.task_id, key.run_id, key.map_index, key.try_number)
 
 
+def unclaimed_event_ttl() -> timedelta:
+    """How long an event waits for an executor to claim it: :data:`UNCLAIMED_EVENT_TTL`, or longer.
+
+    A scheduler that dies leaves its tries to another one, which adopts them at its next orphan
+    check once the dead one is ``scheduler_health_check_threshold`` stale; dropping the event
+    before that would lose it (e.g. a "failed before start" for a TI still QUEUED).
+    """
+    from airflow.configuration import conf
+
+    adoption = conf.getfloat("scheduler", "orphaned_tasks_check_interval", fallback=300.0) + conf.getfloat(
+        "scheduler", "scheduler_health_check_threshold", fallback=30.0
+    )
+    return max(UNCLAIMED_EVENT_TTL, timedelta(seconds=adoption + 60))
+
+
 class EdgeAgentExecutor(BaseExecutor):
     """Runs tasks on edge agents: select it per task with ``executor="EdgeAgentExecutor"``."""
 
@@ -81,6 +109,21 @@ class EdgeAgentExecutor(BaseExecutor):
         self._next_purge = 0.0  # monotonic time of the next purge; 0 = at the first sync
         self._next_reconcile = 0.0  # same, for cancelling jobs of TIs settled by hand
         self._failed_syncs = 0  # consecutive; the traceback is logged once per outage, not per heartbeat
+        self._agent_dead_after: timedelta | None = None  # [edge_agent] agent_dead_after_seconds, read once
+        self._unclaimed_ttl: timedelta | None = None
+
+    @property
+    def agent_dead_after(self) -> timedelta:
+        """An agent whose last heartbeat is older than this is offline (raises ``SettingsError``)."""
+        if self._agent_dead_after is None:
+            self._agent_dead_after = agent_dead_after_from_conf()
+        return self._agent_dead_after
+
+    @property
+    def unclaimed_ttl(self) -> timedelta:
+        if self._unclaimed_ttl is None:
+            self._unclaimed_ttl = unclaimed_event_ttl()
+        return self._unclaimed_ttl
 
     # ----------------------------------------------------------------------------------------------
     # Life cycle
@@ -93,6 +136,10 @@ class EdgeAgentExecutor(BaseExecutor):
         from executor_plugin.db_manager import EdgeAgentDBManager
 
         _warn_if_db_manager_unregistered()
+        # A bad [edge_agent] agent_dead_after_seconds stops the scheduler here, with the option's name,
+        # not at its first sync.
+        self.log.info("EdgeAgentExecutor: agents are offline after %.0f s without a heartbeat",
+                      self.agent_dead_after.total_seconds())
         with create_session(scoped=False) as session:
             manager = EdgeAgentDBManager(session)
             if manager.check_migration():
@@ -171,26 +218,61 @@ class EdgeAgentExecutor(BaseExecutor):
             self._failed_syncs = 0
 
     def _sync(self, session: Session) -> None:
+        self._requeue_jobs_of_offline_agents(session)
         requeued = store.requeue_expired_leases(session)
         if requeued:
             self.log.warning("Requeued %d job(s) whose agent did not start them before the lease lapsed", requeued)
-        pending = store.pending_events(session)
-        self._forget_keys_without_jobs(session, finished={job_key(job) for job in pending})
-        for job in pending:
+        mine, unclaimed = [], []
+        for job in store.pending_events(session):
+            (mine if self._holds(job_key(job)) else unclaimed).append(job)
+        self._forget_keys_without_jobs(session, finished={job_key(job) for job in mine})
+        for job in mine:
             self._emit(job)
             store.mark_reported(session, job.id, job.state)
+        self._drop_old_unclaimed(session, unclaimed)
         now = time.monotonic()
         if now >= self._next_reconcile:
             self._next_reconcile = now + RECONCILE_EVERY_SECONDS
             cancelled = store.cancel_queued_jobs_of_settled_tis(session)
             if cancelled:
                 self.log.info("Cancelled %d queued job(s) whose task instance was settled elsewhere", cancelled)
+            for closed in store.close_running_jobs_of_offline_agents(session, dead_after=self.agent_dead_after):
+                self.log.info("Closed running job %s of %s: %s", closed.job.id, job_key(closed.job), closed.job.reason)
         if now >= self._next_purge:
             self._next_purge = now + PURGE_EVERY_SECONDS
             purged = store.purge_reported(session, older_than=store.utcnow() - PURGE_AFTER)
             purged_refusals = store.purge_refusals(session, older_than=store.utcnow() - REFUSAL_RETENTION)
             if purged or purged_refusals:
                 self.log.debug("Purged %d finished job(s) and %d old refusal(s)", purged, purged_refusals)
+
+    def _requeue_jobs_of_offline_agents(self, session: Session) -> None:
+        """Requeue at once what agents that stopped heartbeating had leased but not started."""
+        for requeue in store.requeue_leased_of_offline_agents(session, dead_after=self.agent_dead_after):
+            self.log.warning(
+                "Agent %s (%s) missed heartbeats for %.0f s: requeued %d job(s) it had not started",
+                requeue.agent_name,
+                requeue.agent_id,
+                requeue.silent_for,
+                requeue.requeued,
+            )
+
+    def _holds(self, key: TaskInstanceKey) -> bool:
+        """Is the try ours to report: queued by this scheduler, or adopted by it?"""
+        return key in self.running or key in self.queued_tasks
+
+    def _drop_old_unclaimed(self, session: Session, unclaimed: Sequence[store.Job]) -> None:
+        """Mark reported the events no executor claimed in time (their scheduler and its adopter are gone).
+
+        Younger ones stay: another scheduler holds the key, or will once it adopts a dead one's tasks.
+        """
+        cutoff = store.utcnow() - self.unclaimed_ttl
+        for job in unclaimed:
+            if job.changed_at < cutoff:
+                self.log.debug(
+                    "Dropping the %s event of %s (job %s): no scheduler claimed it since %s",
+                    job.state, job_key(job), job.id, job.changed_at.isoformat(),
+                )
+                store.mark_reported(session, job.id, job.state)
 
     def _emit(self, job: store.Job) -> None:
         # Events are emitted before mark_reported commits: if the commit fails, the next sync emits
@@ -249,7 +331,11 @@ class EdgeAgentExecutor(BaseExecutor):
             self.log.info("Cancelled the edge-agent job of %s", key)
 
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
-        """Adopt the TIs whose job is still open; return the others for the scheduler to reset."""
+        """Adopt the TIs whose job is still open; return the others for the scheduler to reset.
+
+        An adopted key joins ``running``, so from the next sync this executor claims the try's
+        events (a restarted scheduler reports what finished while the old one was gone).
+        """
         if not tis:
             return []
         keys = {ti.key: ti for ti in tis}

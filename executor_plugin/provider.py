@@ -64,6 +64,12 @@ def get_provider_info() -> dict[str, Any]:
                         "integer",
                         "86400",
                     ),
+                    "agent_dead_after_seconds": _option(
+                        "Seconds without a heartbeat after which an agent is offline: the jobs it "
+                        "leased but did not start go back to the queue at once. Must be > 0.",
+                        "float",
+                        "30",
+                    ),
                     "lease_ttl_seconds": _option(
                         "Seconds an agent has to confirm that a leased job started; a lease not "
                         "confirmed in time goes back to the queue. Running jobs keep their lease "

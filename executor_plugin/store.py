@@ -9,6 +9,13 @@ state = 'queued' AND fencing = <seen>`` compare-and-set, so two gateways (or two
 gateway) can never lease one job twice; the loser simply tries the next candidate. On PostgreSQL the
 candidate scan uses ``FOR UPDATE SKIP LOCKED`` so concurrent leasers do not queue behind each other.
 
+Liveness: an agent is *online* while its last heartbeat is younger than ``[edge_agent]
+agent_dead_after_seconds``. The executor requeues the leased jobs of an agent that is not
+(:func:`requeue_leased_of_offline_agents`) and closes its running jobs once Airflow has settled
+their task instances (:func:`close_running_jobs_of_offline_agents`); both re-check the agent in
+the UPDATE itself, so a heartbeat that lands in between wins. On PostgreSQL their scans skip rows
+another scheduler has locked.
+
 Isolation: what an agent may lease is computed at lease time from its row (queues and region from
 its registration token) and the queue policies (:mod:`executor_plugin.policy` decides), minus the
 task instances it refused; a policy change or a revocation applies to the next lease at once.
@@ -118,6 +125,11 @@ class Job:
     def key_tuple(self) -> tuple[str, str, str, int, int]:
         return (self.dag_id, self.task_id, self.run_id, self.map_index, self.try_number)
 
+    @property
+    def changed_at(self) -> datetime:
+        """When the job reached its current state (the age of its pending scheduler event)."""
+        return self.finished_at or self.started_at or self.leased_at or self.queued_at
+
     @classmethod
     def _from_row(cls, row) -> "Job":
         values = dict(row._mapping)
@@ -144,6 +156,17 @@ class Agent:
     version: str | None
     created_at: datetime
     last_heartbeat: datetime | None
+
+    def heartbeat_age(self, now: datetime | None = None) -> float | None:
+        """Seconds since the last heartbeat (0 if the clocks disagree), None if it never sent one."""
+        if self.last_heartbeat is None:
+            return None
+        return max(0.0, ((now or utcnow()) - self.last_heartbeat).total_seconds())
+
+    def is_online(self, dead_after: timedelta, now: datetime | None = None) -> bool:
+        """Online iff the last heartbeat is within ``dead_after`` (the executor's rule, in Python)."""
+        age = self.heartbeat_age(now)
+        return age is not None and age <= dead_after.total_seconds()
 
     @classmethod
     def _from_row(cls, row) -> "Agent":
@@ -228,6 +251,9 @@ def enqueue_job(
             queued_at=now or utcnow(),
         )
     )
+    from executor_plugin.gateway.job_channel import announce_queued  # PostgreSQL: NOTIFY at commit
+
+    announce_queued(session, queue)
     return job_id
 
 
@@ -323,6 +349,22 @@ def requeue_expired_leases(session: Session, now: datetime | None = None) -> int
     return result.rowcount
 
 
+def _ti_states(session: Session, ti_ids: Sequence[str]) -> dict[str, tuple[str | None, int]]:
+    """(state, try_number) of Airflow's task instances by id; ids with no row are left out."""
+    from airflow.models.taskinstance import TaskInstance
+
+    live: dict[str, tuple[str | None, int]] = {}
+    ids = list(dict.fromkeys(ti_ids))
+    # Chunked: SQLite limits the number of bound parameters per statement.
+    for start in range(0, len(ids), 500):
+        wanted = [uuid.UUID(ti_id) for ti_id in ids[start : start + 500]]
+        rows = session.execute(
+            select(TaskInstance.id, TaskInstance.state, TaskInstance.try_number).where(TaskInstance.id.in_(wanted))
+        )
+        live.update({str(ti_id): (state, try_number) for ti_id, state, try_number in rows})
+    return live
+
+
 def cancel_queued_jobs_of_settled_tis(session: Session, now: datetime | None = None) -> int:
     """Cancel queued jobs whose task instance is no longer QUEUED for that try.
 
@@ -330,7 +372,6 @@ def cancel_queued_jobs_of_settled_tis(session: Session, now: datetime | None = N
     scheduler does not revoke the job then, and an agent would later lease a try Airflow has moved
     past. Jobs and TIs are matched by the TI's id and try number.
     """
-    from airflow.models.taskinstance import TaskInstance
     from airflow.utils.state import TaskInstanceState
 
     queued = session.execute(
@@ -338,13 +379,7 @@ def cancel_queued_jobs_of_settled_tis(session: Session, now: datetime | None = N
     ).all()
     if not queued:
         return 0
-    live: dict[str, tuple[str | None, int]] = {}
-    for start in range(0, len(queued), 500):
-        ti_ids = [uuid.UUID(row.ti_id) for row in queued[start : start + 500]]
-        rows = session.execute(
-            select(TaskInstance.id, TaskInstance.state, TaskInstance.try_number).where(TaskInstance.id.in_(ti_ids))
-        )
-        live.update({str(ti_id): (state, try_number) for ti_id, state, try_number in rows})
+    live = _ti_states(session, [row.ti_id for row in queued])
     settled = [row.id for row in queued if live.get(row.ti_id) != (TaskInstanceState.QUEUED, row.try_number)]
     if not settled:
         return 0
@@ -360,6 +395,187 @@ def cancel_queued_jobs_of_settled_tis(session: Session, now: datetime | None = N
         )
     )
     return result.rowcount
+
+
+# -- agents that stopped heartbeating -----------------------------------------------------------------
+
+
+def _silent_since(cutoff: datetime):
+    """SQL condition on the agent table: no heartbeat since ``cutoff`` (or never one)."""
+    return or_(agent_table.c.last_heartbeat.is_(None), agent_table.c.last_heartbeat < cutoff)
+
+
+def _still_silent(agent_id: str, cutoff: datetime):
+    """SQL condition re-checked inside an UPDATE: a heartbeat that landed since the scan wins."""
+    return select(agent_table.c.id).where(agent_table.c.id == agent_id, _silent_since(cutoff)).exists()
+
+
+def _lock_skipping(session: Session, query):
+    """``FOR UPDATE OF job SKIP LOCKED`` on PostgreSQL: two schedulers sweeping at once take disjoint
+    rows instead of waiting on (or deadlocking against) each other. SQLite has one writer anyway."""
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(of=job_table, skip_locked=True)
+    return query
+
+
+@dataclass(frozen=True)
+class OfflineRequeue:
+    """Leased jobs of one offline agent that went back to the queue."""
+
+    agent_id: str
+    agent_name: str
+    #: Seconds since the agent's last sign of life (its last heartbeat, or its latest lease).
+    silent_for: float
+    requeued: int
+
+
+def requeue_leased_of_offline_agents(
+    session: Session, *, dead_after: timedelta, now: datetime | None = None
+) -> list[OfflineRequeue]:
+    """Put back the leased (not started) jobs of agents with no heartbeat for ``dead_after``.
+
+    The fencing id is bumped, so the old holder's late RUNNING report is refused and its next
+    heartbeat names the job in ``lost``. A job leased within the window is kept even if the
+    agent's last heartbeat is older: the lease itself shows the agent was alive then (an agent
+    that just started may lease before its first heartbeat lands). The lease-TTL requeue
+    (:func:`requeue_expired_leases`) stays as the fallback. Running jobs are not touched here.
+    """
+    now = now or utcnow()
+    cutoff = now - dead_after
+    j, a = job_table.c, agent_table.c
+    rows = session.execute(
+        _lock_skipping(
+            session,
+            select(j.id, j.agent_id, j.leased_at, a.name, a.last_heartbeat)
+            .join(agent_table, a.id == j.agent_id)
+            .where(j.state == JobStatus.LEASED, j.leased_at < cutoff, _silent_since(cutoff))
+            .order_by(j.id),
+        )
+    ).all()
+    by_agent: dict[str, list] = {}
+    for row in rows:
+        by_agent.setdefault(row.agent_id, []).append(row)
+    requeues: list[OfflineRequeue] = []
+    for agent_id, found in by_agent.items():
+        ids = [row.id for row in found]
+        count = 0
+        for start in range(0, len(ids), 500):
+            result = session.execute(
+                update(job_table)
+                .where(
+                    j.id.in_(ids[start : start + 500]),
+                    j.agent_id == agent_id,
+                    j.state == JobStatus.LEASED,
+                    j.leased_at < cutoff,
+                    _still_silent(agent_id, cutoff),
+                )
+                .values(**_BACK_TO_QUEUE)
+            )
+            count += result.rowcount
+        if count:
+            signs = [_aware(found[0].last_heartbeat), *(_aware(row.leased_at) for row in found)]
+            last_seen = max(t for t in signs if t is not None)
+            requeues.append(
+                OfflineRequeue(
+                    agent_id=agent_id,
+                    agent_name=found[0].name,
+                    silent_for=(now - last_seen).total_seconds(),
+                    requeued=count,
+                )
+            )
+    return requeues
+
+
+@dataclass(frozen=True)
+class ClosedJob:
+    """A running job of an offline agent, closed because Airflow had settled its task instance."""
+
+    job: Job
+    agent_name: str
+
+
+def _settled(ti: tuple[str | None, int] | None, try_number: int) -> str | None:
+    """Why Airflow is done with this try, or None while it may still run (QUEUED/RUNNING/RESTARTING).
+
+    QUEUED counts as not settled: an agent cut off after it started the supervisor but before the
+    task reached Airflow may still run it when the network comes back, and if it is really dead,
+    Airflow's ``task_queued_timeout`` revokes the try (``revoke_task`` cancels the job).
+    """
+    from airflow.utils.state import TaskInstanceState
+
+    if ti is None:
+        return "the task instance moved on to another try (or its run was deleted)"
+    state, current_try = ti
+    if current_try != try_number:
+        return f"the task instance is on try {current_try} now"
+    if state in (TaskInstanceState.QUEUED, TaskInstanceState.RUNNING, TaskInstanceState.RESTARTING):
+        return None
+    return f"Airflow settled the task instance as {state or 'none'}"
+
+
+def close_running_jobs_of_offline_agents(
+    session: Session, *, dead_after: timedelta, now: datetime | None = None
+) -> list[ClosedJob]:
+    """Close the running jobs of offline agents whose task instance Airflow has settled.
+
+    A started job of a dead agent is left to Airflow (its task heartbeat timeout fails or retries
+    the try); once Airflow has moved on, the job would otherwise stay RUNNING for ever: counted as
+    running, holding the try's key in the executor (a parallelism slot, when the TI ended without
+    the timeout path, e.g. the task reported success and then the agent died), never purged. It is
+    closed as ``success`` when the TI succeeded, else ``failed``, with a reason; ``reported_state``
+    is set, so it is no scheduler event, and the fencing id is bumped, so the agent's late report
+    is refused. Jobs of online agents are never touched (their own final report must land), nor
+    jobs started within the window.
+    """
+    from airflow.utils.state import TaskInstanceState
+
+    now = now or utcnow()
+    cutoff = now - dead_after
+    j, a = job_table.c, agent_table.c
+    rows = session.execute(
+        _lock_skipping(
+            session,
+            select(job_table, a.name.label("agent_name"))
+            .join(agent_table, a.id == j.agent_id)
+            .where(
+                j.state == JobStatus.RUNNING,
+                or_(j.started_at.is_(None), j.started_at < cutoff),
+                _silent_since(cutoff),
+            )
+            .order_by(j.id),
+        )
+    ).all()
+    if not rows:
+        return []
+    live = _ti_states(session, [row.ti_id for row in rows])
+    closed: list[ClosedJob] = []
+    for row in rows:
+        ti = live.get(row.ti_id)
+        why = _settled(ti, row.try_number)
+        if why is None:
+            continue
+        state = JobStatus.SUCCESS if ti == (TaskInstanceState.SUCCESS, row.try_number) else JobStatus.FAILED
+        result = session.execute(
+            update(job_table)
+            .where(
+                j.id == row.id,
+                j.state == JobStatus.RUNNING,
+                j.fencing == row.fencing,
+                j.agent_id == row.agent_id,
+                _still_silent(row.agent_id, cutoff),
+            )
+            .values(
+                state=state,
+                reported_state=state,
+                fencing=j.fencing + 1,
+                finished_at=now,
+                reason=f"agent {row.agent_name} ({row.agent_id}) went offline; {why}",
+            )
+        )
+        if result.rowcount == 1:
+            job = Job._from_row(session.execute(select(job_table).where(j.id == row.id)).one())
+            closed.append(ClosedJob(job=job, agent_name=row.agent_name))
+    return closed
 
 
 def purge_reported(session: Session, older_than: datetime) -> int:
@@ -943,8 +1159,11 @@ __all__ = [
     "StoreError",
     "Token",
     "TokenRejected",
+    "ClosedJob",
+    "OfflineRequeue",
     "cancel_job",
     "cancel_queued_jobs_of_settled_tis",
+    "close_running_jobs_of_offline_agents",
     "create_agent",
     "create_token",
     "delete_queue_policy",
@@ -972,6 +1191,7 @@ __all__ = [
     "renew_agent_cert",
     "report_job",
     "requeue_expired_leases",
+    "requeue_leased_of_offline_agents",
     "resume_agent",
     "revoke_agent",
     "running_job_counts",
