@@ -39,6 +39,7 @@ from airflow.utils.session import create_session
 
 from executor_plugin import store
 from executor_plugin.models import JobStatus
+from executor_plugin.queue_metrics import QueueMetrics
 from executor_plugin.settings import agent_dead_after_from_conf
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class EdgeAgentExecutor(BaseExecutor):
         self._next_purge = 0.0  # monotonic time of the next purge; 0 = at the first sync
         self._next_reconcile = 0.0  # same, for cancelling jobs of TIs settled by hand
         self._failed_syncs = 0  # consecutive; the traceback is logged once per outage, not per heartbeat
+        self._queue_metrics: QueueMetrics | None = None
         self._agent_dead_after: timedelta | None = None  # [edge_agent] agent_dead_after_seconds, read once
         self._unclaimed_ttl: timedelta | None = None
 
@@ -244,6 +246,19 @@ class EdgeAgentExecutor(BaseExecutor):
             purged_refusals = store.purge_refusals(session, older_than=store.utcnow() - REFUSAL_RETENTION)
             if purged or purged_refusals:
                 self.log.debug("Purged %d finished job(s) and %d old refusal(s)", purged, purged_refusals)
+        self._emit_queue_metrics(session)
+
+    def _emit_queue_metrics(self, session: Session) -> None:
+        """Per-queue gauges and lease latency through Airflow's metrics, every EMIT_EVERY seconds."""
+        if self._queue_metrics is None:
+            self._queue_metrics = QueueMetrics(self.agent_dead_after)
+        try:
+            self._queue_metrics.maybe_emit(session, store.utcnow())
+        except SQLAlchemyError:
+            raise  # the sync's own handling: retried on the next heartbeat
+        except Exception:
+            # A broken metrics backend must never stop jobs from being reported.
+            self.log.exception("Emitting edge-agent queue metrics failed")
 
     def _requeue_jobs_of_offline_agents(self, session: Session) -> None:
         """Requeue at once what agents that stopped heartbeating had leased but not started."""
