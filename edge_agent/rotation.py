@@ -46,10 +46,11 @@ MIN_RETRY_SECONDS = 1.0
 
 def lifetime(cert_pem: str) -> tuple[datetime, datetime]:
     """(issued, notAfter) of a certificate, with the issuer's backdating taken off (module doc)."""
-    from edge_agent.identity.pki_utils import load_cert
+    # Read with the standard library: this runs at every start, and `cryptography` would add ~8 MB
+    # to the idle control process.
+    from edge_agent.identity.certinfo import validity
 
-    cert = load_cert(cert_pem)
-    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    not_before, not_after = validity(cert_pem)
     issued = not_before + ISSUER_BACKDATE if not_after - not_before > ISSUER_BACKDATE else not_before
     return issued, not_after
 

@@ -3,7 +3,8 @@
 * The gateway is verified against our own CA bundle only (no certifi, no OS store): a public CA or a
   TLS-inspecting proxy cannot impersonate it.
 * The client certificate and key are loaded into the ``SSLContext`` from an anonymous in-memory file
-  (``memfd``) where the OS has one, so a key kept in the keyring never touches the filesystem.
+  (``memfd``) where the OS has one, so a key kept in the keyring never touches the filesystem
+  (:mod:`edge_agent.identity.tlskeys`).
 * One long-lived ``httpx.Client`` per process: a reused connection costs ~1 ms, a new mTLS handshake
   4-8 ms of CPU plus round trips.
 * ``trust_env=True``: ``HTTPS_PROXY``/``NO_PROXY`` are honoured (mTLS passes through a CONNECT proxy).
@@ -11,16 +12,17 @@
 
 from __future__ import annotations
 
-import os
 import ssl
-import tempfile
-from pathlib import Path
+import sys
 from typing import TYPE_CHECKING, Sequence
 
 from edge_agent import __version__
 from edge_agent.errors import InvalidURL
+from edge_agent.identity.tlskeys import load_cert_chain
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     import httpx
 
     from edge_agent.identity.keystore import StoredIdentity
@@ -74,37 +76,33 @@ def tls_context(
             raise ValueError("empty CA bundle")
         ctx.load_verify_locations(cadata="\n".join(ca_pems))
     if cert_pem is not None and key_pem is not None:
-        _load_client_cert(ctx, cert_pem.encode("ascii"), key_pem)
+        load_cert_chain(ctx, cert_pem.encode("ascii"), key_pem)
     return ctx
 
 
-def _load_client_cert(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    # ssl can only load a key from a path. OpenSSL copies it into the context, so the file only has
-    # to exist for the duration of this call.
-    blob = cert_pem.rstrip(b"\n") + b"\n" + key_pem
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("edge-agent-tls", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, blob)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-            return
-        except FileNotFoundError:
-            pass  # no /proc (some sandboxes): fall back to a private temporary file
-        finally:
-            os.close(fd)
-    with tempfile.TemporaryDirectory(prefix="edge-agent-tls-") as tmp:  # created 0700
-        path = Path(tmp) / "chain.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, blob)
-        finally:
-            os.close(fd)
-        ctx.load_cert_chain(str(path))
+def import_httpx() -> "ModuleType":
+    """``import httpx`` without httpx's command-line client, which a long-running agent never uses.
+
+    httpx's ``__init__`` imports ``httpx._main`` (click, rich, pygments) whenever those are installed,
+    as they are next to typer: about 5 MB of RSS for the life of the control process. A ``None`` entry
+    in ``sys.modules`` makes that import raise ImportError, which httpx answers with a stub ``main``.
+    Should a future httpx not tolerate that, it is imported again the ordinary way.
+    """
+    if "httpx" in sys.modules:
+        return sys.modules["httpx"]
+    blocked = sys.modules.setdefault("httpx._main", None) is None
+    try:
+        import httpx
+    except ImportError:
+        if not blocked:
+            raise
+        del sys.modules["httpx._main"]
+        import httpx
+    return httpx
 
 
 def _client(base_url: str, ctx: ssl.SSLContext, timeout: float) -> "httpx.Client":
-    import httpx
-
+    httpx = import_httpx()
     return httpx.Client(
         base_url=base_url,
         verify=ctx,
@@ -127,4 +125,4 @@ def build_bootstrap_client(url: str, ca_pems: Sequence[str] | None, timeout: flo
     return _client(normalize_url(url), tls_context(ca_pems), timeout)
 
 
-__all__ = ["build_bootstrap_client", "build_client", "normalize_url", "tls_context"]
+__all__ = ["build_bootstrap_client", "build_client", "import_httpx", "normalize_url", "tls_context"]

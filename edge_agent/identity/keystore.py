@@ -421,21 +421,19 @@ def _split_pems(text: str) -> list[str]:
 
 def _check_key_matches_cert(identity: StoredIdentity, state_dir: Path) -> None:
     # A registration interrupted between writing the key and the certificate leaves a pair that TLS
-    # would reject with an obscure handshake error; say what happened instead.
-    from cryptography.hazmat.primitives import serialization
-
-    from edge_agent.identity import pki_utils
+    # would reject with an obscure handshake error; say what happened instead. Checked with ssl, not
+    # cryptography: this runs at every start of the control process (see identity/tlskeys.py).
+    from edge_agent.identity.tlskeys import KeyMismatch, check_pair
 
     try:
-        key = serialization.load_pem_private_key(identity.key_pem, password=None)
-        cert = pki_utils.load_cert(identity.cert_pem)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"identity in {state_dir} is damaged ({exc}): re-register with --force") from None
-    if pki_utils.pubkey_fingerprint(key.public_key()) != pki_utils.pubkey_fingerprint(cert.public_key()):
+        check_pair(identity.cert_pem, identity.key_pem)
+    except KeyMismatch:
         raise ConfigError(
             f"private key and certificate in {state_dir} do not belong together "
             "(interrupted registration?): re-register with --force"
-        )
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"identity in {state_dir} is damaged ({exc}): re-register with --force") from None
 
 
 __all__ = ["Keystore", "StoredIdentity", "atomic_write", "backend_recommended", "keyring_usable"]

@@ -61,6 +61,45 @@ class _Sdk:
     version: str
 
 
+#: Modules a job imports at first use that importing the SDK does not load. Measured with
+#: ``PYTHONPROFILEIMPORTTIME`` on a trivial ``@task`` (tests/integration/test_runtime_warm.py keeps
+#: it so): before they were imported here, every job spent about 300 ms importing, mostly in the task
+#: process, 140 ms of it ``packaging`` compiling its regular expressions. Each is optional: a runtime
+#: without one still works, its jobs import it themselves.
+_FIRST_USE_MODULES = (
+    "airflow.sdk.definitions.connection",  # supervisor: connection lookups
+    "airflow.sdk._shared.logging.factory",  # supervisor: the task log's handlers
+    "airflow.sdk.definitions.asset.metadata",  # task process: after every task
+    "jinja2.ext",  # task process: templated fields
+    "encodings.idna",  # the first HTTP request's host name
+    "packaging.requirements",  # @task and the Python operators (providers.standard)
+)
+
+
+def _warm_up() -> list[str]:
+    """Import, once, what jobs would each import; returns the modules of the list that failed (for the log).
+
+    A DAG file's ``from airflow.sdk import dag, task`` resolves lazy attributes of ``airflow.sdk``;
+    resolving all of them here costs about 2 MB in the zygote, shared by every job.
+    """
+    import importlib
+
+    import airflow.sdk
+
+    for name in getattr(airflow.sdk, "__all__", ()):
+        try:
+            getattr(airflow.sdk, name)
+        except Exception:  # a broken optional part (3.3.2's "lineage" is one) must not stop the runtime
+            continue
+    missing = []
+    for module in _FIRST_USE_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            missing.append(f"{module} ({type(exc).__name__})")
+    return missing
+
+
 def _import_sdk() -> _Sdk:
     import airflow.sdk
     import airflow.sdk.execution_time.supervisor  # noqa: F401  (the heavy import, done once)
@@ -73,10 +112,14 @@ def _import_sdk() -> _Sdk:
     from airflow.sdk.configuration import conf
     from pydantic import ValidationError
 
-    import edge_agent.runtime.child  # noqa: F401
+    from edge_agent.runtime import child
 
     # Client() builds (and caches) an SSL context with certifi on first use: pay it once here.
-    Client(base_url="http://edge-agent/execution/", token="").close()
+    child.prepare()
+    Client(base_url=child.EXECUTION_BASE_URL, token="", transport=child.forwarder_transport(os.devnull)).close()
+    missing = _warm_up()
+    if missing:
+        print(f"edge-agent zygote: jobs will import these themselves: {', '.join(missing)}", file=sys.stderr)
     return _Sdk(
         execute_task=ExecuteTask,
         validation_error=ValidationError,
