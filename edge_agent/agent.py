@@ -10,14 +10,21 @@ Threads (each loop in its own module, one cadence each)::
     (runtime)    the runtime's reader thread calls _on_started/_on_exited
 
 Every lease is judged by the local policy (``policy.decide``) before anything reaches the runtime;
-the decision and every job's end go to the audit log (``audit.py``). A refused job holds its slot
-only until its REFUSED report is delivered.
+the decision, every job's start (with the supervisor's pid) and every job's end go to the audit log
+(``audit.py``). A refused job holds its slot only until its REFUSED report is delivered.
+
+Everything still to tell the gateway about a job is kept in the disk spool (``spool.py``), written
+at each transition here and at each acknowledged log chunk by the log shipper; the spool is
+replayed at start, before leasing, without holding task slots. So a gateway outage of any length
+costs no report: running tasks go on, their reports wait on disk.
 
 Stops, idempotent and escalating (``signals.py`` maps SIGTERM/SIGINT #1, #2, #3 onto them):
-``stop_gracefully`` = stop leasing, let running jobs finish and report them, exit 0;
-``stop_now`` = cancel running jobs through the runtime, report what can be reported within
-``cancel_grace``, exit; ``abort`` = leave at once. A drain asked by the server in a heartbeat reply
-only pauses leasing (``heartbeat.py``).
+``stop_gracefully`` = stop leasing, let running jobs finish and report them, exit 0; past
+``drain_grace`` seconds it turns into a cancel. ``stop_now`` = cancel running jobs through the
+runtime (reported FAILED with the reason), wait ``cancel_grace`` for them, exit 0. A drain or cancel
+whose reports cannot be delivered (gateway away) ends once the tasks have ended and their reports
+are spooled. ``abort`` = leave at once. A drain asked by the server in a heartbeat reply only
+pauses leasing (``heartbeat.py``).
 
 All shared state sits behind one ``Condition`` over an *RLock*: a signal handler runs on the main
 thread, possibly while that thread holds the lock, and must be able to re-enter it to set state.
@@ -44,10 +51,19 @@ from edge_agent.errors import AuditError, CertificateExpired, ConfigError, EdgeA
 from edge_agent.identity.keystore import Keystore, StoredIdentity
 from edge_agent.observability.status import StatusBoard
 from edge_agent.policy import Decision, Policy, facts
-from edge_agent.protocol import Lease, RunningJob
+from edge_agent.protocol import Lease, LogPolicy, RunningJob
+from edge_agent.runtime import EXIT_RUNTIME_LOST
 from edge_agent.sdnotify import Notifier, Watchdog
+from edge_agent.spool import Spool, SpoolEntry
 
 log = logging.getLogger(__name__)
+
+#: After the cancel grace, how long to wait for the killed tasks' exits to be reported.
+CANCEL_REPORT_MARGIN = 5.0
+#: At teardown, how long to wait for a loop stuck in a request: its job states are in the spool,
+#: so a short wait costs nothing but a resend at the next start, and it keeps a stop inside the
+#: service manager's stop timeout (drain grace + cancel grace + this must fit in TimeoutStopSec).
+TEARDOWN_JOIN_SECONDS = 5.0
 
 SendFn = Callable[[str, str, dict, bytes], "tuple[int, dict, bytes]"]
 
@@ -97,6 +113,13 @@ class JobRecord:
     reason_logged: bool = False
     #: Why the local policy refused the job (it never reached the runtime); reported as REFUSED.
     refused: str | None = None
+    #: Loaded from the spool at start: its task ended under an earlier agent process; holds no slot.
+    replayed: bool = False
+    #: The spool holds this record's latest state (False while a write is due or after it failed).
+    spooled: bool = False
+    #: Version of the state last handed to the spool (bumped under the agent's condition).
+    spool_seq: int = 0
+    spooled_at: str | None = None
 
     @property
     def job_id(self) -> str:
@@ -106,10 +129,47 @@ class JobRecord:
     def started(self) -> bool:
         return self.started_at is not None
 
+    def to_spool(self, agent_id: str) -> SpoolEntry:
+        """What the spool keeps of this record: no workload (it holds the task token)."""
+        lease = self.lease
+        job, _ = facts(lease)
+        return SpoolEntry(
+            job_id=lease.job_id, fencing=lease.fencing, agent_id=agent_id, queue=lease.queue,
+            dag_id=lease.dag_id, task_id=lease.task_id, run_id=lease.run_id, map_index=lease.map_index,
+            try_number=lease.try_number, bundle=job.bundle, log_policy=lease.log_policy.value,
+            leased_at=self.leased_at, spooled_at=self.spooled_at or _utcnow(), started_at=self.started_at,
+            pid=self.pid, running_reported=self.running_reported,
+            log_file=str(self.log_file) if self.log_file is not None else None, log_offset=self.log_offset,
+            reason_logged=self.reason_logged, exited=self.exited, exit_code=self.exit_code, reason=self.reason,
+            refused=self.refused,
+        )
+
+    @classmethod
+    def from_spool(cls, entry: SpoolEntry, seq: int) -> "JobRecord":
+        """A record replayed from the spool (its lease carries no workload, only the task's identity)."""
+        ti = {"dag_id": entry.dag_id, "task_id": entry.task_id, "run_id": entry.run_id,
+              "map_index": entry.map_index, "try_number": entry.try_number, "queue": entry.queue}
+        workload: dict[str, Any] = {"ti": ti}
+        if entry.bundle is not None:
+            workload["bundle_info"] = {"name": entry.bundle}
+        lease = Lease(
+            job_id=entry.job_id, fencing=entry.fencing, queue=entry.queue, dag_id=entry.dag_id,
+            task_id=entry.task_id, run_id=entry.run_id, map_index=entry.map_index, try_number=entry.try_number,
+            workload=workload, lease_expires_at=datetime.fromtimestamp(0, timezone.utc),
+            log_policy=LogPolicy(entry.log_policy),
+        )
+        return cls(
+            lease=lease, leased_at=entry.leased_at, pid=entry.pid,
+            log_file=Path(entry.log_file) if entry.log_file else None, started_at=entry.started_at,
+            running_reported=entry.running_reported, exited=entry.exited, exit_code=entry.exit_code,
+            reason=entry.reason, log_offset=entry.log_offset, reason_logged=entry.reason_logged,
+            refused=entry.refused, replayed=True, spooled=True, spool_seq=seq, spooled_at=entry.spooled_at,
+        )
+
     def summary(self) -> dict[str, Any]:
         lease = self.lease
-        phase = ("refused" if self.refused is not None else "lost" if self.lost else "exited" if self.exited
-                 else "running" if self.started else "starting")
+        phase = ("spooled" if self.replayed else "refused" if self.refused is not None else "lost" if self.lost
+                 else "exited" if self.exited else "running" if self.started else "starting")
         return {
             "job_id": lease.job_id, "dag_id": lease.dag_id, "task_id": lease.task_id, "run_id": lease.run_id,
             "map_index": lease.map_index, "try_number": lease.try_number, "queue": lease.queue, "phase": phase,
@@ -119,12 +179,17 @@ class JobRecord:
 
 
 class JobTable:
-    """The jobs this agent holds (a slot is busy from lease until the final report is delivered)."""
+    """The jobs this agent holds (a slot is busy from lease until the final report is delivered).
+
+    Jobs replayed from the spool are held apart: they are served like the others (and first) but
+    hold no slot and get no heartbeat (their tasks ended under an earlier agent process).
+    """
 
     def __init__(self, cond: threading.Condition, capacity: int) -> None:
         self._cond = cond
         self.capacity = capacity
         self._jobs: dict[str, JobRecord] = {}
+        self._replay: dict[str, JobRecord] = {}
         self._closed = False
         #: Set when a job started or exited: the log shipper has reports to send.
         self.dirty = False
@@ -137,29 +202,50 @@ class JobTable:
         """Hold a new lease; False once the agent decided to exit (the lease then lapses and is requeued).
 
         A refused job is held as already exited (it never runs) until its REFUSED report is delivered.
+        A replayed record of the same job is dropped: the gateway leased the job again, so the old
+        lease's reports would be refused as stale anyway.
         """
         with self._cond:
             if self._closed:
                 return False
+            self._replay.pop(lease.job_id, None)
             self._jobs[lease.job_id] = JobRecord(lease=lease, refused=refused, exited=refused is not None)
             self.dirty = True
             self._cond.notify_all()
             return True
 
+    def add_replayed(self, rec: JobRecord) -> None:
+        with self._cond:
+            self._replay[rec.job_id] = rec
+            self.dirty = True
+            self._cond.notify_all()
+
     def get(self, job_id: str) -> JobRecord | None:
+        """The live record of a job (one the runtime knows), not a replayed one."""
         with self._cond:
             return self._jobs.get(job_id)
 
-    def remove(self, job_id: str) -> None:
+    def remove(self, job_id: str, rec: JobRecord | None = None) -> JobRecord | None:
+        """Forget ``rec`` (or the live record of ``job_id``); returns what was removed."""
         with self._cond:
-            self._jobs.pop(job_id, None)
+            removed = None
+            for table in (self._jobs, self._replay):
+                held = table.get(job_id)
+                if held is not None and (rec is None or held is rec):
+                    removed = table.pop(job_id)
+                    break
+                if rec is None:
+                    break  # without a record only the live table is meant
             self._cond.notify_all()
+            return removed
 
     def records(self) -> list[JobRecord]:
+        """Replayed records first (oldest first), then the live ones: the spool is replayed before new work."""
         with self._cond:
-            return list(self._jobs.values())
+            return [*self._replay.values(), *self._jobs.values()]
 
     def __len__(self) -> int:
+        """Live jobs (the ones holding slots)."""
         with self._cond:
             return len(self._jobs)
 
@@ -168,12 +254,18 @@ class JobTable:
 
     def all_exited(self) -> bool:
         with self._cond:
-            return all(r.exited for r in self._jobs.values())
+            return all(r.exited for r in self.records())
 
-    def close_if_empty(self) -> bool:
-        """Atomically: if no job is held, refuse new ones from now on and return True."""
+    def close_if_settled(self, reports_blocked: bool) -> bool:
+        """Atomically: if nothing more can happen here, refuse new jobs from now on and return True.
+
+        Settled = no record left, or (the gateway is failing our reports) every task has ended and
+        its reports are in the spool for the next start. Without the second case a drain during a
+        gateway outage would never end.
+        """
         with self._cond:
-            if not self._jobs:
+            recs = self.records()
+            if not recs or (reports_blocked and all(r.exited and (r.spooled or r.lost) for r in recs)):
                 self._closed = True
             return self._closed
 
@@ -219,7 +311,8 @@ class Agent:
         *,
         runtime_factory: Callable[..., RuntimeLike] = default_runtime_factory,
         forwarder_factory: Callable[[Path, SendFn], ForwarderLike] = default_forwarder_factory,
-        cancel_grace: float = 30.0,
+        drain_grace: float | None = None,
+        cancel_grace: float | None = None,
         policy: Policy | None = None,
         keystore: Keystore | None = None,
         client_factory: Callable[[StoredIdentity], Any] | None = None,
@@ -235,7 +328,11 @@ class Agent:
         self._api_factory = api_factory
         self._runtime_factory = runtime_factory
         self._forwarder_factory = forwarder_factory
-        self.cancel_grace = cancel_grace
+        #: Seconds a drain waits for running tasks before cancelling them (``--drain-grace``).
+        self.drain_grace = config.drain_grace if drain_grace is None else drain_grace
+        #: Seconds between a cancel's SIGTERM and SIGKILL (``--cancel-grace``).
+        self.cancel_grace = config.cancel_grace if cancel_grace is None else cancel_grace
+        self.spool = Spool(config.state_dir)
 
         self.cond = threading.Condition(threading.RLock())
         self.jobs = JobTable(self.cond, config.concurrency)
@@ -252,6 +349,14 @@ class Agent:
         self.server_drain = False
         self._deadline: float | None = None
         self._cancelled = False
+        #: What cancelled jobs are told (and reported FAILED with).
+        self._cancel_reason = "agent stopping now (second stop request)"
+        #: The log shipper's last pass failed on the gateway: reports wait in the spool.
+        self.reports_blocked = False
+        #: Spooled jobs were loaded and the log shipper has not tried them yet: no leasing before.
+        self.replay_pending = False
+        #: Another loop reached the gateway again: the log shipper cuts its backoff short.
+        self.retry_reports_now = False
         #: False until the runtime is ready and the loops run (status shows "starting").
         self._serving = False
 
@@ -270,11 +375,13 @@ class Agent:
                 self.stop_reason = reason
             self.cond.notify_all()
 
-    def stop_now(self, reason: str = "stop requested twice") -> None:
+    def stop_now(self, reason: str = "stop requested twice",
+                 cancel_reason: str = "agent stopping now (second stop request)") -> None:
         with self.cond:
             if self.phase in (Phase.RUNNING, Phase.DRAINING):
                 self.phase = Phase.CANCELLING
                 self.stop_reason = reason
+                self._cancel_reason = cancel_reason
             self.cond.notify_all()
 
     def abort(self, reason: str = "stop requested three times") -> None:
@@ -309,7 +416,7 @@ class Agent:
     def _on_started(self, job_id: str, pid: int, log_file: str | None) -> None:
         with self.cond:
             rec = self.jobs.get(job_id)
-            if rec is None:
+            if rec is None or rec.replayed:
                 return
             rec.pid = pid
             rec.started_at = _utcnow()
@@ -319,25 +426,103 @@ class Agent:
             self.jobs.dirty = True
             self.cond.notify_all()
         log.info("job %s started (pid %s)", job_id, pid)
+        self.spool_save(rec)  # RUNNING is now owed to the gateway
+        try:
+            self._audit("start", rec.lease, pid=pid)
+        except AuditError as exc:
+            log.error("job %s started but its start could not be recorded: %s", job_id, exc)
         self.publish()
 
     def _on_exited(self, job_id: str, exit_code: int, reason: str | None) -> None:
         with self.cond:
             rec = self.jobs.get(job_id)
-            if rec is None:
+            if rec is None or rec.replayed:
                 return
             rec.exited = True
             rec.exit_code = exit_code
             rec.reason = reason
+            rec.spooled = False  # in the same step: a drain must not see "exited" before the exit is on disk
             lost = rec.lost
             self.jobs.dirty = True
             self.cond.notify_all()
         log.info("job %s exited with %s%s", job_id, exit_code, f" ({reason})" if reason else "")
+        # Spooled before anything else: from here on the final state survives a crash or an outage.
+        self.spool_save(rec)
         try:
             self._audit("finish", rec.lease, exit_code=exit_code, reason=reason, lost=lost or None)
         except AuditError as exc:
             log.error("job %s finished but its end could not be recorded: %s", job_id, exc)
         self.publish()
+
+    # -- the spool ---------------------------------------------------------------------------------
+
+    def spool_save(self, rec: JobRecord, *, progress: bool = False) -> None:
+        """Write the record's current state to the spool (never call with the condition held).
+
+        ``progress``: only an acknowledgement moved (RUNNING delivered, the log cursor) while the
+        task runs; written without fsync (``spool.py``). Once the task ended every write is durable.
+        """
+        with self.cond:
+            if rec.lost:
+                return  # not ours any more: nothing will be delivered
+            durable = not progress or rec.exited
+            rec.spool_seq += 1
+            rec.spooled = False  # until this version is on disk (a drain must not exit before)
+            if rec.spooled_at is None:
+                rec.spooled_at = _utcnow()
+            seq, entry = rec.spool_seq, rec.to_spool(self.identity.agent_id)
+        ok = self.spool.save(entry, seq, durable=durable)
+        with self.cond:
+            if rec.spool_seq == seq:
+                rec.spooled = ok
+            self.cond.notify_all()
+        self.status.set(spool=self.spool.usage().as_dict())
+
+    def _load_spool(self) -> None:
+        """Take over what an earlier agent process could not deliver; it is replayed before leasing."""
+        try:
+            loaded = self.spool.open()
+        except OSError as exc:
+            raise ConfigError(f"cannot use the spool directory {self.spool.dir}: {exc}") from None
+        for entry, seq in loaded:
+            rec = JobRecord.from_spool(entry, seq)
+            if not rec.exited and rec.refused is None:
+                # The earlier agent process stopped (crash, kill, power loss) before it saw the task
+                # end; its runtime stopped the task with it. Without this report the task instance
+                # would wait for Airflow's heartbeat timeout.
+                rec.exited, rec.exit_code = True, EXIT_RUNTIME_LOST
+                rec.reason = (f"the edge-agent process running this job stopped before the job ended "
+                              f"(supervisor pid {rec.pid}); the task was stopped with it")
+                try:
+                    self._audit("finish", rec.lease, exit_code=rec.exit_code, reason=rec.reason, replayed=True)
+                except AuditError as exc:
+                    log.error("job %s: its end could not be recorded: %s", rec.job_id, exc)
+                self.jobs.add_replayed(rec)
+                self.spool_save(rec)
+            else:
+                self.jobs.add_replayed(rec)
+            log.info("job %s (%s.%s run %s try %d) from the spool: to deliver: %s", rec.job_id, entry.dag_id,
+                     entry.task_id, entry.run_id, entry.try_number, ", ".join(entry.pending()) or "nothing")
+        if loaded:
+            with self.cond:
+                self.replay_pending = True
+            usage = self.spool.usage()
+            log.info("replaying %d spooled job(s) (%d bytes) before leasing", usage.jobs, usage.bytes)
+        self.publish()
+
+    def reports_done(self, ok: bool) -> None:
+        """The log shipper finished a pass: ``ok`` False = the gateway failed, reports wait in the spool."""
+        with self.cond:
+            self.replay_pending = False
+            self.reports_blocked = not ok
+            self.cond.notify_all()
+
+    def gateway_ok(self) -> None:
+        """A loop reached the gateway after failures: reports waiting in the spool go now, not after a backoff."""
+        with self.cond:
+            if self.reports_blocked:
+                self.retry_reports_now = True
+                self.cond.notify_all()
 
     # -- the local policy and the audit log -----------------------------------------------------------
 
@@ -361,11 +546,16 @@ class Agent:
                     rec.refused, rec.exited = f"not run: {exc}", True
                     self.jobs.dirty = True
                     self.cond.notify_all()
+            if rec is not None:
+                self.spool_save(rec)
             log.error("job %s refused: %s", lease.job_id, exc)
             self.drain_and_fail(exc)
             return False
         if refused is not None:
             log.warning("job %s refused by the local policy: %s", lease.job_id, refused)
+            rec = self.jobs.get(lease.job_id)
+            if rec is not None:
+                self.spool_save(rec)  # the REFUSED report is owed
         self.publish()
         return refused is None
 
@@ -380,27 +570,34 @@ class Agent:
             logs=lease.log_policy.value, **fields,
         )
 
-    def jobs_lost(self, job_ids: list[str], why: str) -> None:
-        """The gateway no longer holds these jobs for us: stop them, report nothing more."""
-        to_cancel = []
+    def jobs_lost(self, jobs: "list[str | JobRecord]", why: str) -> None:
+        """The gateway no longer holds these jobs (ids of live jobs, or records) for us: stop them, report nothing more."""
+        to_cancel, forget = [], []
         with self.cond:
-            for job_id in job_ids:
-                rec = self.jobs.get(job_id)
+            for item in jobs:
+                rec = self.jobs.get(item) if isinstance(item, str) else item
                 if rec is None or rec.lost:
                     continue
+                job_id = rec.job_id
                 rec.lost = True
+                forget.append((job_id, rec.lease.fencing))
                 self.jobs.dirty = True
                 if not rec.exited:
                     to_cancel.append(job_id)
             self.cond.notify_all()
+        for job_id, fencing in forget:
+            self.spool.delete(job_id, fencing)  # nothing about it will be delivered
         for job_id in to_cancel:
             log.warning("job %s lost (%s): cancelling it", job_id, why)
             self._cancel(job_id, f"lease lost: {why}")
         self.publish()
 
-    def job_done(self, job_id: str) -> None:
-        """The job's final state was delivered (or it was lost): free its slot."""
-        self.jobs.remove(job_id)
+    def job_done(self, rec: JobRecord) -> None:
+        """The job's final state was delivered (or it was lost): free its slot and its spool record."""
+        # Spool first: whoever sees the slot free must not find the delivered record still on disk.
+        self.spool.delete(rec.job_id, rec.lease.fencing)
+        self.jobs.remove(rec.job_id, rec)
+        self.status.set(spool=self.spool.usage().as_dict())
         self.publish()
 
     def _cancel(self, job_id: str, reason: str) -> None:
@@ -418,7 +615,8 @@ class Agent:
             jobs = [r.summary() for r in self.jobs.records()]
             free = self.jobs.free_slots()
             phase = self.phase.value if self._serving or self.phase is not Phase.RUNNING else "starting"
-        self.status.set(state=phase, jobs=jobs, free_slots=free, total_slots=self.config.concurrency)
+        self.status.set(state=phase, jobs=jobs, free_slots=free, total_slots=self.config.concurrency,
+                        spool=self.spool.usage().as_dict())
 
     # -- run ------------------------------------------------------------------------------------
 
@@ -438,6 +636,9 @@ class Agent:
             self.publish()
             # Under the state-dir lock: one writer chains onto the log's last line.
             self.audit = AuditLog.open(self.config.state_dir, self.identity.agent_id)
+            # Under the lock too: one process owns the spool. Loaded before any loop runs, so the
+            # lease loop sees that replays come first.
+            self._load_spool()
             log.info("local policy: %s", self.policy.describe())
             for d in (self.config.log_folder, self.config.runtime_airflow_home):
                 d.mkdir(parents=True, exist_ok=True)
@@ -474,7 +675,8 @@ class Agent:
                 t.start()
                 threads[name] = t
             self._serving = True
-            log.info("agent %s running with %d slots", self.identity.agent_id, self.config.concurrency)
+            log.info("agent %s running with %d slots (drain grace %g s, cancel grace %g s)", self.identity.agent_id,
+                     self.config.concurrency, self.drain_grace, self.cancel_grace)
             # systemd (Type=notify): ready only once the runtime and the loops run; the watchdog is
             # fed only while every loop thread lives, so a wedged agent is restarted.
             self._notifier.ready(f"serving {self.config.concurrency} slots as {self.identity.agent_id}")
@@ -531,6 +733,12 @@ class Agent:
                         break
                     if self._finished(phase):
                         return
+                    if phase is Phase.DRAINING and _past(self._deadline):
+                        # Past the drain grace: a service manager would soon kill everything
+                        # without a report; cancelling now reports the tasks as failed instead.
+                        why = f"drain grace of {self.drain_grace:g} s expired"
+                        self.phase, self.stop_reason, self._cancel_reason = Phase.CANCELLING, why, why
+                        continue
                     deadline = self._deadline
                     self.cond.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 else:
@@ -544,9 +752,9 @@ class Agent:
     def _finished(self, phase: Phase) -> bool:
         # Called with the condition held.
         if phase is Phase.DRAINING:
-            return self.jobs.close_if_empty()
+            return self.jobs.close_if_settled(self.reports_blocked)
         if phase is Phase.CANCELLING:
-            return self.jobs.close_if_empty() or _past(self._deadline)
+            return self.jobs.close_if_settled(self.reports_blocked) or _past(self._deadline)
         if phase is Phase.FAILED:
             # Reports cannot succeed with a rejected identity: wait for the processes, not the reports.
             if self.jobs.all_exited() or _past(self._deadline):
@@ -563,15 +771,18 @@ class Agent:
         log.info("%s: %s", phase.value, self.stop_reason)
         self._notifier.stopping(f"{phase.value}: {self.stop_reason}")
         if phase is Phase.DRAINING:
-            self.status.activity("agent", f"draining ({self.stop_reason}): no new work, waiting for running jobs")
+            with self.cond:
+                self._deadline = time.monotonic() + self.drain_grace
+            self.status.activity("agent", f"draining ({self.stop_reason}): no new work, waiting up to "
+                                          f"{self.drain_grace:g} s for running jobs, then cancelling them")
             return
         if self._cancelled:
             return
         self._cancelled = True
-        self._deadline = time.monotonic() + self.cancel_grace
-        self.status.activity("agent", f"{phase.value}: cancelling running jobs")
-        reason = ("agent stopping now (second stop request)" if phase is Phase.CANCELLING
-                  else f"agent failed: {self.fatal}")
+        with self.cond:
+            self._deadline = time.monotonic() + self.cancel_grace + CANCEL_REPORT_MARGIN
+            reason = self._cancel_reason if phase is Phase.CANCELLING else f"agent failed: {self.fatal}"
+        self.status.activity("agent", f"{phase.value}: cancelling running jobs ({reason})")
         for rec in self.jobs.records():
             if not rec.exited:
                 self._cancel(rec.job_id, reason)
@@ -584,8 +795,9 @@ class Agent:
             self.loops_stopping = True
             self.cond.notify_all()
         self.status.activity("agent", "stopping")
-        # After an abort nobody waits for a loop stuck in a request; otherwise give it one timeout.
-        join_timeout = 0.0 if self._abort else self.config.request_timeout + 5.0
+        # After an abort nobody waits for a loop stuck in a request; otherwise a short while (what it
+        # was sending is in the spool).
+        join_timeout = 0.0 if self._abort else min(TEARDOWN_JOIN_SECONDS, self.config.request_timeout)
         if "logship" in threads:
             threads["logship"].join(join_timeout)
         if self.runtime is not None:
@@ -607,6 +819,10 @@ class Agent:
             if self.fatal is None:
                 self.phase = Phase.STOPPED
         self.publish()
+        left = self.spool.usage()
+        if left.jobs:
+            log.warning("%d job(s) with undelivered reports stay in the spool (%s); the next 'edge-agent run' "
+                        "delivers them", left.jobs, self.spool.dir)
         self.status.activity("agent", "stopped" if self.fatal is None else f"stopped: {self.fatal}")
 
 

@@ -144,15 +144,29 @@ def run(
         help="Register with this token file first if there is no identity yet (also "
              "$EDGE_AGENT_TOKEN_FILE or the systemd credential 'registration-token'); ignored afterwards.",
     ),
+    drain_grace: Optional[float] = typer.Option(
+        None, "--drain-grace", metavar="SECONDS",
+        help="How long a drain (SIGTERM, Ctrl-C) waits for running tasks before cancelling them "
+             "(default 540, which fits the systemd unit's TimeoutStopSec=600; $EDGE_AGENT_DRAIN_GRACE).",
+    ),
+    cancel_grace: Optional[float] = typer.Option(
+        None, "--cancel-grace", metavar="SECONDS",
+        help="How long a cancelled task gets between SIGTERM and SIGKILL (default 30; "
+             "$EDGE_AGENT_CANCEL_GRACE).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
     """Lease and run tasks until stopped.
 
-    SIGTERM or Ctrl-C drains: no new tasks, running ones finish and are reported, then exit 0.
-    A second signal cancels the running tasks; a third leaves at once. Progress goes to stderr and
-    to <state dir>/status.json ('edge-agent status'). Every job accepted or refused by the local
-    policy is recorded in <state dir>/audit.log ('edge-agent audit verify'). The certificate is
-    renewed with a new key at 70-90 % of its lifetime.
+    SIGTERM or Ctrl-C drains: no new tasks, running ones finish and are reported, then exit 0; a
+    drain still running after --drain-grace cancels the tasks. A second signal cancels them at
+    once (SIGTERM, then SIGKILL after --cancel-grace; reported failed with the reason); a third
+    leaves at once. If the gateway is unreachable, tasks keep running and their state reports and
+    logs wait in <state dir>/spool, delivered in order when it is back (or at the next start). A
+    drain during an outage ends once the tasks have ended. Progress goes to stderr and to <state
+    dir>/status.json ('edge-agent status'). Every job accepted or refused by the local policy is
+    recorded in <state dir>/audit.log ('edge-agent audit verify'). The certificate is renewed with
+    a new key at 70-90 % of its lifetime.
     """
     from edge_agent import signals
     from edge_agent.agent import Agent
@@ -168,7 +182,7 @@ def run(
     configure_logging(verbose)
     config = AgentConfig.build(
         state_dir=state_dir, concurrency=concurrency, dags_folder=dags_folder, runtime_python=runtime_python,
-        policy=policy,
+        policy=policy, drain_grace=drain_grace, cancel_grace=cancel_grace,
     )
     local_policy = load_policy(config.policy_file, required=config.policy_required)
     keystore = Keystore(config.state_dir, config.secret_backend)
@@ -204,15 +218,19 @@ def status(
     from edge_agent.config import resolve_state_dir
     from edge_agent.identity.keystore import Keystore
     from edge_agent.observability.status import STATUS_FILE, read_status
+    from edge_agent.spool import usage_on_disk
 
     sd = resolve_state_dir(state_dir)
     identity = Keystore(sd).load()
+    spooled = usage_on_disk(sd)
     report: dict[str, Any] = {
         "state_dir": str(sd),
         "identity": identity.public_summary(),
         "certificate_expired": identity.expired(),
         "gateway": _probe_gateway(identity, timeout),
         "agent": read_status(sd / STATUS_FILE),
+        # Read from disk, so it is right for a stopped agent too (what its next start replays).
+        "spool": spooled.as_dict() if spooled is not None else None,
     }
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
@@ -454,13 +472,17 @@ def _print_status(identity: "StoredIdentity", report: dict[str, Any]) -> None:
         where = "reachable" if gw["reachable"] else "not reachable" if gw["reachable"] is False else "not asked"
         typer.secho(f"  {'gateway':<13}{identity.url}: {where}: {gw['error']}", fg=typer.colors.RED)
     st = report["agent"]
+    spool = report.get("spool") or {}
     if st is None:
         _row("process", "no status file: 'edge-agent run' has not run with this state dir")
+        _print_spool(spool, running=False)
         return
     if not st.get("alive"):
         _row("process", f"not running (last status {st.get('updated_at', '?')}, state {st.get('state')})")
+        _print_spool(spool, running=False)
         return
     _row("process", f"pid {st.get('pid')} since {st.get('started_at')}, {st.get('state')}")
+    _print_outage(st)
     if st.get("policy"):
         _row("policy", st["policy"])
     _row("slots", f"{st.get('free_slots')} free of {st.get('total_slots')}")
@@ -473,10 +495,40 @@ def _print_status(identity: "StoredIdentity", report: dict[str, Any]) -> None:
     for loop, text in sorted((st.get("activity") or {}).items()):
         _row(loop, text)
     jobs = st.get("jobs") or []
-    _row("jobs", f"{len(jobs)} held" if jobs else "none")
+    held = [j for j in jobs if j.get("phase") != "spooled"]
+    replaying = len(jobs) - len(held)
+    _row("jobs", (f"{len(held)} held" if held else "none")
+         + (f", {replaying} from the spool being delivered" if replaying else ""))
+    _print_spool(st.get("spool") or {}, running=True)
     for job in jobs:
         typer.echo(f"    {job['job_id']}  {job['dag_id']}.{job['task_id']}  run {job['run_id']}  try "
                    f"{job['try_number']}  {job['phase']}" + (f"  pid {job['pid']}" if job.get("pid") else ""))
+
+
+def _print_outage(st: dict[str, Any]) -> None:
+    """The running agent's own view of the gateway: an outage is shown with its start and length."""
+    from edge_agent.observability.status import outage_seconds
+
+    gw = st.get("gateway") or {}
+    spooled = (st.get("spool") or {}).get("jobs") or 0
+    if gw.get("reachable") is False:
+        seconds = outage_seconds(gw)
+        length = f"{seconds:.0f} s" if seconds is not None else "? s"
+        typer.secho(f"  gateway unreachable since {gw.get('since')} ({length}): {gw.get('last_error')}; "
+                    f"{spooled} job report(s) spooled", fg=typer.colors.RED)
+    elif gw.get("reachable") is True:
+        _row("connection", f"reachable since {gw.get('since')}")
+
+
+def _print_spool(spool: dict[str, Any], *, running: bool) -> None:
+    jobs = spool.get("jobs") or 0
+    if not jobs:
+        return
+    if running:  # running jobs have a record too (their log cursor): not a sign of trouble by itself
+        _row("spool", f"{jobs} job record(s), {spool.get('bytes', 0)} bytes")
+    else:
+        _row("spool", f"{jobs} job(s) with reports to deliver ({spool.get('bytes', 0)} bytes), replayed by "
+                      "the next 'edge-agent run'")
 
 
 def main() -> None:

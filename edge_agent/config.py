@@ -5,10 +5,17 @@ an :class:`AgentConfig` passed into its constructor.
 
 State directory, first match wins: ``--state-dir`` > ``$EDGE_AGENT_STATE_DIR`` > ``$STATE_DIRECTORY``
 (systemd ``StateDirectory=``) > ``$XDG_STATE_HOME/edge-agent`` > ``~/.local/state/edge-agent``.
+
+Stop timing: ``--drain-grace`` (``$EDGE_AGENT_DRAIN_GRACE``, default 540 s) is how long a drain waits
+for running tasks before cancelling them; ``--cancel-grace`` (``$EDGE_AGENT_CANCEL_GRACE``, default
+30 s) is how long a cancelled task gets between SIGTERM and SIGKILL. The defaults fit the systemd
+unit's ``TimeoutStopSec=600`` (540 + 30 + a margin for the last reports), so a stop never ends in
+systemd killing tasks without a report.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -27,9 +34,16 @@ ENV_RUNTIME_PYTHON = "EDGE_AGENT_RUNTIME_PYTHON"
 ENV_SECRET_BACKEND = "EDGE_AGENT_SECRET_BACKEND"
 ENV_TOKEN = "EDGE_AGENT_TOKEN"
 ENV_POLICY = "EDGE_AGENT_POLICY"
+ENV_DRAIN_GRACE = "EDGE_AGENT_DRAIN_GRACE"
+ENV_CANCEL_GRACE = "EDGE_AGENT_CANCEL_GRACE"
 POLICY_FILE = "policy.toml"
 
 MAX_CONCURRENCY = 256
+#: systemd unit TimeoutStopSec (600) - cancel grace (30) - a margin for the last reports and teardown.
+DEFAULT_DRAIN_GRACE = 540.0
+DEFAULT_CANCEL_GRACE = 30.0
+#: A week: longer is surely a typo (milliseconds?), and a drain that long blocks every restart.
+MAX_GRACE = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,10 @@ class AgentConfig:
     policy_file: Path | None = None
     #: The operator named ``policy_file`` (option or env): a missing file is then an error, not "no policy".
     policy_required: bool = False
+    #: Seconds a drain (first SIGTERM) waits for running tasks before it cancels them.
+    drain_grace: float = DEFAULT_DRAIN_GRACE
+    #: Seconds a cancelled task gets between SIGTERM and SIGKILL.
+    cancel_grace: float = DEFAULT_CANCEL_GRACE
 
     def __post_init__(self) -> None:
         if self.runtime_airflow_home is None:
@@ -79,6 +97,8 @@ class AgentConfig:
         lease_wait: float = 30.0,
         heartbeat_interval: float = 10.0,
         request_timeout: float = 30.0,
+        drain_grace: float | None = None,
+        cancel_grace: float | None = None,
         env: Mapping[str, str] | None = None,
     ) -> "AgentConfig":
         """Merge explicit options over the environment and defaults, and validate the result."""
@@ -116,6 +136,9 @@ class AgentConfig:
             if not value > 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
 
+        drain = _grace("drain grace", "--drain-grace", drain_grace, ENV_DRAIN_GRACE, DEFAULT_DRAIN_GRACE, env)
+        cancel = _grace("cancel grace", "--cancel-grace", cancel_grace, ENV_CANCEL_GRACE, DEFAULT_CANCEL_GRACE, env)
+
         rt_dir = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0]
         policy_file, policy_required = resolve_policy_file(policy, sd, env)
         return cls(
@@ -130,6 +153,8 @@ class AgentConfig:
             runtime_dir=Path(rt_dir) if rt_dir else None,
             policy_file=policy_file,
             policy_required=policy_required,
+            drain_grace=drain,
+            cancel_grace=cancel,
         )
 
     @classmethod
@@ -140,6 +165,29 @@ class AgentConfig:
         """Only what ``register`` needs: a DAGs folder or runtime python set for ``run`` must not block it."""
         env = os.environ if env is None else env
         return cls(state_dir=resolve_state_dir(state_dir, env), secret_backend=_secret_backend(secret_backend, env))
+
+
+def _grace(
+    name: str, option_name: str, option: float | None, env_name: str, default: float, env: Mapping[str, str]
+) -> float:
+    """A grace period in seconds: option > env > default; a whole or decimal number from 0 to a week."""
+    if option is not None:
+        raw: object = option
+        source = option_name
+    elif env.get(env_name, "").strip():
+        raw = env[env_name].strip()
+        source = f"${env_name}"
+    else:
+        return default
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r} (from {source})") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_GRACE:
+        raise ConfigError(
+            f"{name} must be between 0 and {MAX_GRACE:.0f} seconds, got {raw!r} (from {source})"
+        )
+    return value
 
 
 def _secret_backend(option: str | None, env: Mapping[str, str]) -> SecretBackend:

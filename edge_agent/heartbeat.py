@@ -5,6 +5,12 @@ It also tells the gateway our free slots, version and certificate expiry, and ap
 finish, the agent stays connected; exiting would only make a service manager restart it), and
 ``lost`` jobs are cancelled. It keeps beating through a drain (the running jobs' leases must stay
 alive) and stops last, at teardown.
+
+During a gateway outage it keeps its cadence (the first beat after the gateway returns renews the
+leases at once) but logs one warning per outage, not one per beat; the status file carries the
+outage (``gateway`` with ``since``). When beats keep failing it probes whether the gateway answers
+but refuses our certificate; only two positive probes in a row stop the agent, so a gateway that
+goes down between the probe's two calls cannot make the agent cancel its running tasks.
 """
 
 from __future__ import annotations
@@ -23,12 +29,17 @@ log = logging.getLogger(__name__)
 
 #: Consecutive unreachable heartbeats after which we check whether the gateway refuses our certificate.
 PROBE_AFTER_FAILURES = 3
+#: During a long outage, probe again every this many failed beats (the gateway may come back
+#: refusing us, e.g. after a CA retirement).
+PROBE_EVERY_FAILURES = 6
 
 
 class HeartbeatLoop:
     def __init__(self, agent: "Agent") -> None:
         self.agent = agent
         self._failures = 0
+        #: The last probe said "refused": probe again at the next failure to confirm.
+        self._suspect = False
 
     def run(self) -> None:
         a = self.agent
@@ -62,22 +73,29 @@ class HeartbeatLoop:
             return
         except EdgeAgentError as exc:
             self._failures += 1
-            if (isinstance(exc, GatewayUnreachable) and self._failures == PROBE_AFTER_FAILURES
-                    and self._certificate_refused()):
-                refused = IdentityRejected(
-                    "the gateway answers but refuses this agent's certificate (expired, or issued by a CA it no "
-                    "longer trusts): re-register with a new token"
-                )
-                a.status.heartbeat(False, str(refused))
-                a.fail(refused)
-                return
-            (log.warning if self._failures == 1 else log.debug)("heartbeat failed: %s", exc)
+            if isinstance(exc, GatewayUnreachable) and self._probe_due():
+                refused = self._certificate_refused()
+                if refused and self._suspect:
+                    error = IdentityRejected(
+                        "the gateway answers but refuses this agent's certificate (expired, or issued by a CA it "
+                        "no longer trusts): re-register with a new token"
+                    )
+                    a.status.heartbeat(False, str(error))
+                    a.fail(error)
+                    return
+                self._suspect = refused
+            else:
+                self._suspect = False
+            (log.warning if self._failures == 1 else log.debug)(
+                "heartbeat failed: %s (running tasks go on; retrying every %g s)", exc, a.config.heartbeat_interval)
             a.status.heartbeat(False, str(exc))
-            a.status.activity("heartbeat", f"last heartbeat failed: {exc}")
+            a.status.activity("heartbeat", f"{self._failures} heartbeat(s) failed in a row: {exc}")
             return
         if self._failures:
             log.info("heartbeat delivered again after %d failure(s)", self._failures)
+            a.gateway_ok()
         self._failures = 0
+        self._suspect = False
         a.status.heartbeat(True)
         a.status.activity("heartbeat", f"idle; last heartbeat renewed {len(request.running)} lease(s)")
         if reply.lost:
@@ -89,6 +107,11 @@ class HeartbeatLoop:
         if changed:
             log.info("the gateway %s", "asked this agent to drain: no new work until it says otherwise"
                      if reply.drain else "lifted the drain: asking for work again")
+
+    def _probe_due(self) -> bool:
+        f = self._failures
+        return self._suspect or f == PROBE_AFTER_FAILURES or (
+            f > PROBE_AFTER_FAILURES and (f - PROBE_AFTER_FAILURES) % PROBE_EVERY_FAILURES == 0)
 
     def _certificate_refused(self) -> bool:
         # Under TLS 1.3 uvicorn drops a connection whose client certificate it refuses, which looks

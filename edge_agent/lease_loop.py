@@ -6,6 +6,10 @@ exists, or with no lease when the wait ends. Each lease is judged by the local p
 runtime. Either way it goes into the job table (the slot is busy until the final report, REFUSED for
 a refused one). It is reported RUNNING only when the runtime says the supervisor started
 (``logship.py``), never here.
+
+Nothing is leased before the log shipper tried the reports an earlier agent process left in the
+spool (``Agent.replay_pending``). A failed request is retried with exponential backoff and full
+jitter (1 s to 30 s), with one warning per outage.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class LeaseLoop:
             if a.server_drain:
                 a.status.activity("lease", "paused: the gateway asked this agent to drain")
             with a.cond:
-                a.cond.wait_for(lambda: not a.leasing or (not a.server_drain and a.jobs.free_slots() > 0))
+                a.cond.wait_for(lambda: not a.leasing or (not a.server_drain and not a.replay_pending
+                                                          and a.jobs.free_slots() > 0))
                 if not a.leasing:
                     break
                 free = a.jobs.free_slots()
@@ -55,7 +60,8 @@ class LeaseLoop:
                 self._pause(exc)
                 continue
             if self.backoff.attempt:
-                log.info("gateway reachable again")
+                log.info("lease requests answered again after %d failure(s)", self.backoff.attempt)
+                a.gateway_ok()
             self.backoff.reset()
             a.status.gateway(True)
             if lease is not None:
@@ -91,7 +97,9 @@ class LeaseLoop:
         except Exception as exc:
             # The zygote is gone or refuses work: every further lease would fail the same way, so stop
             # the agent (a supervisor restarts it) and let this lease lapse back into the queue.
-            a.jobs.remove(lease.job_id)
+            rec = a.jobs.get(lease.job_id)
+            if rec is not None:
+                a.job_done(rec)
             a.fail(RuntimeUnavailable(f"the task runtime refused job {lease.job_id}: {exc}"))
 
 

@@ -15,6 +15,16 @@ A job whose lease says ``log_policy: local`` (its queue's logs must stay in the 
 no log chunk at all, and its final report carries no reason (a reason can quote the task's output);
 its log stays in the agent's log folder. A job the local policy refused gets one report, REFUSED
 with the policy's reason, and nothing else.
+
+Every acknowledged step (RUNNING delivered, a log chunk accepted, the reason line appended) is
+written through to the job's spool record (``spool.py``); the record is deleted once the final
+state is delivered, or when the gateway says the job is not ours any more. Jobs replayed from the
+spool at start are served first, by the same code, so their order holds across a restart too.
+
+When the gateway fails, the shipper backs off exponentially with full jitter (1 s to 30 s); job
+events do not cut the pause short (a fleet of agents must not hammer a gateway coming back), but
+another loop reaching the gateway again does (``Agent.gateway_ok``). One warning per outage, not
+one per attempt.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from edge_agent.backoff import Backoff
 from edge_agent.errors import (
     CertificateExpired,
     EdgeAgentError,
+    GatewayUnreachable,
     IdentityRejected,
     LogGap,
     RequestRejected,
@@ -62,22 +73,38 @@ class LogShipper:
         delay = self.interval
         while True:
             with a.cond:
-                a.cond.wait_for(lambda: a.loops_stopping or a.jobs.dirty, timeout=delay)
+                if self.backoff.attempt:
+                    a.cond.wait_for(lambda: a.loops_stopping or a.retry_reports_now, timeout=delay)
+                else:
+                    a.cond.wait_for(lambda: a.loops_stopping or a.jobs.dirty, timeout=delay)
                 if a.loops_stopping:
                     break
                 a.jobs.dirty = False
-            if self.tick():
+                a.retry_reports_now = False
+            ok = self.tick()
+            a.reports_done(ok)
+            if ok:
+                if self.backoff.attempt:
+                    log.info("job reports delivered again after %d failed attempt(s)", self.backoff.attempt)
                 self.backoff.reset()
                 delay = self.interval
             else:
+                # Full jitter above a floor: a pause of ~0 s would be a retry storm, not a backoff.
                 delay = max(self.interval, self.backoff.next())
+                a.status.activity("logship", f"gateway problem: reports wait in the spool; next try in {delay:.0f}s")
         a.status.activity("logship", "stopped")
 
     def tick(self) -> bool:
         """Serve every held job once; False if the gateway failed (the caller backs off)."""
         a = self.agent
         records = a.jobs.records()
-        a.status.activity("logship", f"shipping logs and reports for {len(records)} job(s)" if records else "idle")
+        replays = sum(1 for r in records if r.replayed)
+        if records:
+            a.status.activity("logship", f"shipping logs and reports for {len(records)} job(s)"
+                              + (f", {replays} from the spool" if replays else ""))
+        else:
+            a.status.activity("logship", "idle")
+        ok = True
         for rec in records:
             try:
                 self.serve(rec)
@@ -85,17 +112,25 @@ class LogShipper:
                 a.fail(exc)
                 return False
             except StaleLease as exc:
-                a.jobs_lost([rec.job_id], str(exc))
+                log.warning("job %s is not this agent's any more (%s): dropping its reports", rec.job_id, exc)
+                a.jobs_lost([rec], str(exc))
                 with a.cond:
                     a.jobs.dirty = True  # come back to free the slot once the job has exited
             except EdgeAgentError as exc:
-                a.status.gateway(False, str(exc))
-                (log.warning if self.backoff.attempt == 0 else log.debug)("reporting job %s failed: %s",
-                                                                            rec.job_id, exc)
-                return False
+                # One warning per streak; the attempts after it would fill the journal.
+                (log.warning if self.backoff.attempt == 0 and ok else log.debug)(
+                    "reporting job %s failed: %s; its reports wait in the spool", rec.job_id, exc)
+                ok = False
+                if isinstance(exc, GatewayUnreachable):
+                    # Every other job would fail the same way (each after a timeout when the
+                    # network blackholes): back off now.
+                    a.status.gateway(False, str(exc))
+                    return False
+                # The gateway answered (a 5xx about this job): the other jobs' reports still go,
+                # each job's own order holds because serve() stopped where this one failed.
         if records and not a.jobs.records():
             a.status.activity("logship", "idle")
-        return True
+        return ok
 
     def serve(self, rec: "JobRecord") -> None:
         a = self.agent
@@ -105,7 +140,7 @@ class LogShipper:
         fencing = rec.lease.fencing
         if lost:
             if exited:
-                a.job_done(rec.job_id)
+                a.job_done(rec)
             return
         if refused is not None:
             self._report_refused(rec, refused)
@@ -115,6 +150,7 @@ class LogShipper:
             a.api.report_state(rec.job_id, JobReport(fencing=fencing, state=JobState.RUNNING))
             with a.cond:
                 rec.running_reported = True
+            a.spool_save(rec, progress=True)
             a.status.gateway(True)
         if hosted_logs and log_file is not None and rec.job_id not in self._logs_refused:
             try:
@@ -126,7 +162,7 @@ class LogShipper:
             # The task instance already runs elsewhere (duplicate delivery): a failure report would
             # make the scheduler kill that healthy run. Report nothing; the lease lapses on its own.
             log.warning("job %s: task instance already running elsewhere; not reporting it", rec.job_id)
-            a.job_done(rec.job_id)
+            a.job_done(rec)
             return
         if exited and reason and not rec.reason_logged and hosted_logs:
             self._log_reason(rec, reason, exit_code)
@@ -139,10 +175,10 @@ class LogShipper:
             except RequestRejected as exc:
                 log.error("gateway refused the final report of job %s: %s; giving the slot back", rec.job_id, exc)
             else:
-                log.info("job %s reported %s", rec.job_id, state.value)
+                log.info("job %s reported %s%s", rec.job_id, state.value, " (from the spool)" if rec.replayed else "")
                 a.status.gateway(True)
             self._logs_refused.discard(rec.job_id)
-            a.job_done(rec.job_id)
+            a.job_done(rec)
 
     def _report_refused(self, rec: "JobRecord", reason: str) -> None:
         a = self.agent
@@ -154,7 +190,7 @@ class LogShipper:
         else:
             log.info("job %s reported refused", rec.job_id)
             a.status.gateway(True)
-        a.job_done(rec.job_id)
+        a.job_done(rec)
 
     def _log_reason(self, rec: "JobRecord", reason: str, exit_code: int | None) -> None:
         """Append the runtime's reason (job not started, cancelled, runtime lost) to the hosted log.
@@ -175,6 +211,7 @@ class LogShipper:
             log.warning("could not add the reason to the log of job %s: %s", rec.job_id, exc)
         with a.cond:
             rec.reason_logged = True
+        a.spool_save(rec)
 
     def _ship_log(self, rec: "JobRecord", path: Path, *, final: bool) -> None:
         a = self.agent
@@ -197,6 +234,9 @@ class LogShipper:
             else:
                 with a.cond:
                     rec.log_offset += len(data)
+            # The cursor on disk: after a restart the log goes on from here (a cursor behind the
+            # gateway's copy is harmless, the gateway skips bytes it has).
+            a.spool_save(rec, progress=True)
             sent += 1
 
 

@@ -1,7 +1,9 @@
 """SIGTERM/SIGINT handling: the handlers only change the agent's state; repeated signals escalate.
 
-1st signal: ``agent.stop_gracefully`` (drain: stop leasing, finish running tasks, report, exit 0).
-2nd signal: ``agent.stop_now`` (cancel running tasks through the runtime, report, exit).
+1st signal: ``agent.stop_gracefully`` (drain: stop leasing, finish running tasks, report, exit 0;
+            after ``--drain-grace`` seconds the agent itself turns the drain into a cancel).
+2nd signal: ``agent.stop_now`` (cancel running tasks at once: SIGTERM, SIGKILL after
+            ``--cancel-grace``; each reported FAILED with the reason, or spooled; exit 0).
 3rd signal: ``agent.abort`` (leave without waiting).
 
 A handler runs on the main thread between two bytecodes, possibly while that thread holds a lock:
@@ -29,7 +31,7 @@ def install(agent: "Agent") -> Callable[[], None]:
         received += 1
         name = signal.Signals(signum).name
         if received == 1:
-            agent.stop_gracefully(f"{name} received: draining (send it again to cancel running tasks)")
+            agent.stop_gracefully(f"{name} received: draining (send it again to cancel running tasks now)")
         elif received == 2:
             agent.stop_now(f"{name} received twice: cancelling running tasks")
         else:

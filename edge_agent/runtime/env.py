@@ -33,6 +33,17 @@ MIN_HEARTBEAT_INTERVAL_SECONDS = "1"
 #: database file") instead of silently creating ``$AIRFLOW_HOME/airflow.db`` on the agent.
 NO_DATABASE_URL = "sqlite:////dev/null/edge-agent-runtime-has-no-database"
 
+#: ``[workers] execution_api_retries``, ``execution_api_retry_wait_max`` and
+#: ``max_failed_heartbeats``: how long a running task rides out a gateway outage. Every Execution
+#: API call of a task goes through the gateway; with the SDK defaults (5 retries, about 31 s in
+#: all) a gateway restart or a short partition made the supervisor give up on a call and, after
+#: three failed heartbeats, kill a healthy task. With 10 retries waiting up to 30 s each, one call
+#: survives a few minutes of outage, and the supervisor still stops a task after three heartbeats
+#: failed that way, about when Airflow's own task heartbeat timeout would have failed it anyway.
+EXECUTION_API_RETRIES = "10"
+EXECUTION_API_RETRY_WAIT_MAX_SECONDS = "30"
+MAX_FAILED_HEARTBEATS = "3"
+
 #: Variables of the control process that are none of a task's business: the agent's own settings
 #: (``EDGE_AGENT_TOKEN`` carries a registration secret, others name the key store) and systemd's
 #: credential, state and runtime directories (the key and the forwarder socket live there). Tasks
@@ -69,6 +80,9 @@ def build_env(settings: RuntimeSettings, base: Mapping[str, str] | None = None) 
         "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": EXECUTION_API_TIMEOUT_SECONDS,
         "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": MIN_HEARTBEAT_INTERVAL_SECONDS,
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": NO_DATABASE_URL,
+        "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": EXECUTION_API_RETRIES,
+        "AIRFLOW__WORKERS__EXECUTION_API_RETRY_WAIT_MAX": EXECUTION_API_RETRY_WAIT_MAX_SECONDS,
+        "AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS": MAX_FAILED_HEARTBEATS,
         # Any stray print in the zygote goes to runtime.log unbuffered, next to the traceback it explains.
         "PYTHONUNBUFFERED": "1",
     }
@@ -80,4 +94,12 @@ def build_env(settings: RuntimeSettings, base: Mapping[str, str] | None = None) 
     return env
 
 
-__all__ = ["EXECUTION_API_TIMEOUT_SECONDS", "MIN_HEARTBEAT_INTERVAL_SECONDS", "NO_DATABASE_URL", "build_env"]
+__all__ = [
+    "EXECUTION_API_RETRIES",
+    "EXECUTION_API_RETRY_WAIT_MAX_SECONDS",
+    "EXECUTION_API_TIMEOUT_SECONDS",
+    "MAX_FAILED_HEARTBEATS",
+    "MIN_HEARTBEAT_INTERVAL_SECONDS",
+    "NO_DATABASE_URL",
+    "build_env",
+]

@@ -657,7 +657,7 @@ def test_the_audit_chain_survives_a_restart(harness) -> None:
         h.agent.stop_gracefully("test")
         assert h.join() == {"code": 0}
     result = verify(h.config.state_dir)
-    assert result.ok and result.entries == 4
+    assert result.ok and result.entries == 6  # per job: decision, start, finish
 
 
 # -- read_chunk ---------------------------------------------------------------------------------
