@@ -71,7 +71,7 @@ SendFn = Callable[[str, str, dict, bytes], "tuple[int, dict, bytes]"]
 class RuntimeLike(Protocol):
     def start(self) -> None: ...
     def submit(self, job_id: str, workload: dict, socket_path: str) -> None: ...
-    def cancel(self, job_id: str, reason: str) -> object: ...
+    def cancel(self, job_id: str, reason: str, grace: float | None = None) -> object: ...
     def stop(self) -> None: ...
 
 
@@ -293,7 +293,8 @@ def default_runtime_factory(
         log_folder=config.log_folder,
         executor=identity.executor,
     )
-    return Runtime(settings, on_started=on_started, on_exited=on_exited)
+    # Stopping the runtime may have to wait out a cancel: give it the cancel grace and a margin.
+    return Runtime(settings, on_started=on_started, on_exited=on_exited, stop_timeout=config.cancel_grace + 15.0)
 
 
 def default_forwarder_factory(socket_path: Path, send: SendFn) -> ForwarderLike:
@@ -605,7 +606,7 @@ class Agent:
         if runtime is None:
             return
         try:
-            runtime.cancel(job_id, reason)
+            runtime.cancel(job_id, reason, grace=self.cancel_grace)
         except Exception as exc:  # the runtime may already be gone; the job then exits on its own
             log.warning("could not cancel job %s: %s", job_id, exc)
 

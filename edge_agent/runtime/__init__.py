@@ -291,12 +291,16 @@ class Runtime:
             if still_ours:  # otherwise the reader already reported the job as exited
                 raise
 
-    def cancel(self, job_id: str, reason: str) -> bool:
-        """SIGTERM the job's processes, SIGKILL after the grace period; False if the job is not running."""
+    def cancel(self, job_id: str, reason: str, grace: float | None = None) -> bool:
+        """SIGTERM the job's processes, SIGKILL after ``grace`` seconds (default CANCEL_GRACE_SECONDS);
+        False if the job is not running."""
         with self._jobs_lock:
             if job_id not in self._jobs:
                 return False
-        self._send({"op": "cancel", "job_id": job_id, "reason": reason})
+        message: dict[str, Any] = {"op": "cancel", "job_id": job_id, "reason": reason}
+        if grace is not None:
+            message["grace"] = grace
+        self._send(message)
         return True
 
     # -- internals ----------------------------------------------------------------------------

@@ -223,7 +223,8 @@ class Zygote:
         if op == "run":
             self.run(str(msg.get("job_id")), msg.get("workload"), str(msg.get("socket")))
         elif op == "cancel":
-            self.cancel(str(msg.get("job_id")), str(msg.get("reason") or "cancelled by the agent"))
+            self.cancel(str(msg.get("job_id")), str(msg.get("reason") or "cancelled by the agent"),
+                        _grace(msg.get("grace")))
         elif op == "stop":
             self.begin_stop("the agent is stopping")
         else:
@@ -307,12 +308,12 @@ class Zygote:
             return f"bundle {name!r} has no file {str(rel)!r} on this agent (looked in {root})"
         return None
 
-    def cancel(self, job_id: str, reason: str) -> None:
+    def cancel(self, job_id: str, reason: str, grace: float = CANCEL_GRACE_SECONDS) -> None:
         job = self.jobs.get(job_id)
         if job is None or job.cancel_reason is not None:
             return
         job.cancel_reason = f"cancelled: {reason}"
-        job.kill_at = time.monotonic() + CANCEL_GRACE_SECONDS
+        job.kill_at = time.monotonic() + grace
         # The supervisor forwards SIGTERM to the task process, whose on_kill() runs, then reports.
         try:
             os.killpg(job.pid, signal.SIGTERM)
@@ -396,6 +397,13 @@ class Zygote:
     def _private_fds(self) -> list[int]:
         fds = [self.proto_in, self.proto_out, self.wake_r, self.wake_w, self.selector.fileno()]
         return fds + [job.reason_fd for job in self.jobs.values()]
+
+
+def _grace(value: object) -> float:
+    """The cancel grace a control process sent; the default for anything that is not a sane number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 7 * 24 * 3600:
+        return float(value)
+    return CANCEL_GRACE_SECONDS
 
 
 def main() -> int:

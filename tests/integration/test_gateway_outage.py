@@ -61,7 +61,7 @@ class ScriptedRuntime:
             self.submitted[job_id] = workload
             self.cond.notify_all()
 
-    def cancel(self, job_id: str, reason: str) -> bool:
+    def cancel(self, job_id: str, reason: str, grace: float | None = None) -> bool:
         self.cancels.append((job_id, reason))
         return True
 

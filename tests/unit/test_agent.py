@@ -163,7 +163,7 @@ class FakeRuntime:
                 return
         self.on_exited(job_id, code, reason)
 
-    def cancel(self, job_id: str, reason: str) -> bool:
+    def cancel(self, job_id: str, reason: str, grace: float | None = None) -> bool:
         with self.cond:
             self.cancels.append((job_id, reason))
             self.cond.notify_all()

@@ -78,3 +78,26 @@ def test_the_unused_context_fails_closed_should_the_url_ever_be_https() -> None:
     ctx = child._unused_tls_context()
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert ctx.get_ca_certs() == []
+
+
+def test_cancel_carries_the_agents_cancel_grace(monkeypatch) -> None:
+    """--cancel-grace reaches the zygote, which kills the job's group after that many seconds."""
+    from edge_agent.runtime import CANCEL_GRACE_SECONDS, Runtime
+    from edge_agent.runtime.zygote import _grace
+
+    sent: list[dict] = []
+    runtime = Runtime.__new__(Runtime)
+    runtime._jobs_lock = __import__("threading").Lock()
+    runtime._jobs = {"j1": object()}
+    monkeypatch.setattr(runtime, "_send", sent.append, raising=False)
+    assert runtime.cancel("j1", "drain grace expired", grace=42.0)
+    assert runtime.cancel("j1", "again")
+    assert sent == [
+        {"op": "cancel", "job_id": "j1", "reason": "drain grace expired", "grace": 42.0},
+        {"op": "cancel", "job_id": "j1", "reason": "again"},
+    ]
+    assert runtime.cancel("unknown", "x") is False
+    # What the zygote accepts: a sane number of seconds; anything else falls back to the default.
+    assert _grace(42.0) == 42.0 and _grace(0) == 0.0
+    for bad in (None, -1, "5", True, float("nan"), 10**9):
+        assert _grace(bad) == CANCEL_GRACE_SECONDS
