@@ -49,6 +49,9 @@ from edge_agent.audit import AuditLog
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AuditError, CertificateExpired, ConfigError, EdgeAgentError, IdentityRejected
 from edge_agent.identity.keystore import Keystore, StoredIdentity
+from edge_agent.observability import job_fields
+from edge_agent.observability.endpoint import Check
+from edge_agent.observability.metrics import Metrics
 from edge_agent.observability.status import StatusBoard
 from edge_agent.policy import Decision, Policy, facts
 from edge_agent.protocol import Lease, LogPolicy, RunningJob
@@ -317,8 +320,12 @@ class Agent:
         policy: Policy | None = None,
         keystore: Keystore | None = None,
         client_factory: Callable[[StoredIdentity], Any] | None = None,
+        observe: tuple[str, int] | None = None,
     ) -> None:
         self.config = config
+        #: (host, port) of the /healthz, /readyz, /metrics endpoint (``--metrics-port``); None = off.
+        self._observe = observe
+        self._observer: Any = None
         #: Replaced (under ``cond``) when the certificate rotates.
         self.identity = identity
         self.policy = policy or Policy()
@@ -338,6 +345,8 @@ class Agent:
         self.cond = threading.Condition(threading.RLock())
         self.jobs = JobTable(self.cond, config.concurrency)
         self.status = StatusBoard(config.status_file)
+        self.metrics = Metrics(self._gauges)
+        self.status.on_gateway_error = lambda: self.metrics.inc("edge_agent_gateway_errors_total")
         self.phase = Phase.RUNNING
         self.stop_reason: str | None = None
         self.fatal: EdgeAgentError | None = None
@@ -426,7 +435,8 @@ class Agent:
                 rec.log_file = path if path.is_absolute() else self.config.log_folder / path
             self.jobs.dirty = True
             self.cond.notify_all()
-        log.info("job %s started (pid %s)", job_id, pid)
+        log.info("job %s started (pid %s)", job_id, pid, extra=job_fields(rec.lease))
+        self.metrics.inc("edge_agent_jobs_started_total")
         self.spool_save(rec)  # RUNNING is now owed to the gateway
         try:
             self._audit("start", rec.lease, pid=pid)
@@ -446,7 +456,9 @@ class Agent:
             lost = rec.lost
             self.jobs.dirty = True
             self.cond.notify_all()
-        log.info("job %s exited with %s%s", job_id, exit_code, f" ({reason})" if reason else "")
+        log.info("job %s exited with %s%s", job_id, exit_code, f" ({reason})" if reason else "",
+                 extra=job_fields(rec.lease))
+        self.metrics.inc("edge_agent_jobs_finished_total", state="success" if exit_code == 0 else "failed")
         # Spooled before anything else: from here on the final state survives a crash or an outage.
         self.spool_save(rec)
         try:
@@ -553,7 +565,8 @@ class Agent:
             self.drain_and_fail(exc)
             return False
         if refused is not None:
-            log.warning("job %s refused by the local policy: %s", lease.job_id, refused)
+            log.warning("job %s refused by the local policy: %s", lease.job_id, refused, extra=job_fields(lease))
+            self.metrics.inc("edge_agent_jobs_refused_total")
             rec = self.jobs.get(lease.job_id)
             if rec is not None:
                 self.spool_save(rec)  # the REFUSED report is owed
@@ -637,6 +650,7 @@ class Agent:
             self.publish()
             # Under the state-dir lock: one writer chains onto the log's last line.
             self.audit = AuditLog.open(self.config.state_dir, self.identity.agent_id)
+            self._start_observer()
             # Under the lock too: one process owns the spool. Loaded before any loop runs, so the
             # lease loop sees that replays come first.
             self._load_spool()
@@ -687,6 +701,8 @@ class Agent:
             if watchdog is not None:
                 watchdog.stop()
             self._teardown(threads, forwarder)
+            if self._observer is not None:
+                self._observer.stop()
             if tmp_dir is not None:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             if self.audit is not None:
@@ -698,6 +714,58 @@ class Agent:
             raise fatal
         log.info("agent stopped")
         return 0
+
+    # -- health and metrics (``observability/endpoint.py``) -----------------------------------------
+
+    def _start_observer(self) -> None:
+        if self._observe is None:
+            return
+        from edge_agent.observability.endpoint import ObservabilityServer
+
+        host, port = self._observe
+        self._observer = ObservabilityServer(port, host=host, health=self._health, ready=self._ready,
+                                             metrics=self.metrics.render).start()
+
+    def _health(self) -> Check:
+        """The same verdict as 'edge-agent health', from memory instead of the status file."""
+        from edge_agent.service import health
+
+        verdict = health({**self.status.snapshot(), "alive": True})
+        return Check(verdict.ok, verdict.reason)
+
+    def _ready(self) -> Check:
+        """Would this agent take work now?"""
+        with self.cond:
+            serving, phase, server_drain = self._serving, self.phase, self.server_drain
+        reachable = (self.status.snapshot().get("gateway") or {}).get("reachable")
+        if not serving:
+            return Check(False, "starting")
+        if phase is not Phase.RUNNING:
+            return Check(False, f"{phase.value}: {self.stop_reason}")
+        if server_drain:
+            return Check(False, "drained by the server ('airflow edge-agents resume' lifts it)")
+        if reachable is False:
+            return Check(False, "gateway unreachable")
+        return Check(True, f"serving; {self.jobs.free_slots()} of {self.config.concurrency} slots free")
+
+    def _gauges(self) -> dict[str, float | None]:
+        snap = self.status.snapshot()
+        spool = snap.get("spool") or {}
+        reachable = (snap.get("gateway") or {}).get("reachable")
+        with self.cond:
+            running = sum(1 for r in self.jobs.records() if r.started and not r.exited)
+            draining = self.phase is not Phase.RUNNING or self.server_drain
+        expires = self.identity.cert_not_after
+        return {
+            "edge_agent_jobs_running": running,
+            "edge_agent_slots_free": self.jobs.free_slots(),
+            "edge_agent_slots_total": self.config.concurrency,
+            "edge_agent_spool_jobs": spool.get("jobs"),
+            "edge_agent_spool_bytes": spool.get("bytes"),
+            "edge_agent_cert_expiry_seconds": (expires - datetime.now(timezone.utc)).total_seconds() if expires else None,
+            "edge_agent_gateway_up": None if reachable is None else float(bool(reachable)),
+            "edge_agent_draining": float(draining),
+        }
 
     def _check_identity(self) -> None:
         """Fail fast on a revoked identity; an unreachable gateway is not fatal (the loops retry)."""

@@ -154,6 +154,20 @@ def run(
         help="How long a cancelled task gets between SIGTERM and SIGKILL (default 30; "
              "$EDGE_AGENT_CANCEL_GRACE).",
     ),
+    log_format: str = typer.Option(
+        "text", "--log-format", envvar="EDGE_AGENT_LOG_FORMAT",
+        help="'text' or 'json' (one JSON object per line with the agent id and, on job records, the job "
+             "and task ids; $EDGE_AGENT_LOG_FORMAT).",
+    ),
+    metrics_port: Optional[int] = typer.Option(
+        None, "--metrics-port", envvar="EDGE_AGENT_METRICS_PORT", min=0, max=65535,
+        help="Serve /healthz, /readyz and Prometheus /metrics on this port (off by default; "
+             "$EDGE_AGENT_METRICS_PORT).",
+    ),
+    metrics_host: str = typer.Option(
+        "127.0.0.1", "--metrics-host", envvar="EDGE_AGENT_METRICS_HOST",
+        help="Address for --metrics-port (default loopback: the endpoints have no authentication).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
 ) -> None:
     """Lease and run tasks until stopped.
@@ -174,12 +188,12 @@ def run(
     from edge_agent.config import AgentConfig
     from edge_agent.identity.enroll import register as enroll
     from edge_agent.identity.keystore import Keystore
-    from edge_agent.observability import configure_logging
+    from edge_agent.observability import bind_agent, configure_logging
     from edge_agent.policy import load_policy
     from edge_agent.service import first_start_token
     from edge_agent.transport import build_client
 
-    configure_logging(verbose)
+    configure_logging(verbose, log_format)
     config = AgentConfig.build(
         state_dir=state_dir, concurrency=concurrency, dags_folder=dags_folder, runtime_python=runtime_python,
         policy=policy, drain_grace=drain_grace, cancel_grace=cancel_grace,
@@ -191,12 +205,14 @@ def run(
         # A service's first start: register from the token it was installed with, then run.
         enroll(first.url, first.token, None, keystore, __version__, timeout=config.request_timeout)
     identity = keystore.load()
+    bind_agent(identity.agent_id, identity.name)
 
     def client_factory(ident: "StoredIdentity") -> Any:
         return build_client(ident.url, ident, config.request_timeout)
 
     agent = Agent(config, identity, lambda: AgentAPI(client_factory(identity)), policy=local_policy,
-                  keystore=keystore, client_factory=client_factory)
+                  keystore=keystore, client_factory=client_factory,
+                  observe=None if metrics_port is None else (metrics_host, metrics_port))
     restore = signals.install(agent)
     try:
         code = agent.run()

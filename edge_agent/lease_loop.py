@@ -65,6 +65,7 @@ class LeaseLoop:
             self.backoff.reset()
             a.status.gateway(True)
             if lease is not None:
+                a.metrics.observe_lease_wait(time.monotonic() - asked)
                 self._start(lease)
             elif time.monotonic() - asked < min(1.0, a.config.lease_wait / 2):
                 # An empty answer long before the wait ended (a gateway that refuses to hold the

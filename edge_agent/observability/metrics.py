@@ -25,7 +25,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "edge_agent_jobs_started_total": ("counter", "Jobs whose task supervisor started on this agent."),
     "edge_agent_jobs_finished_total": ("counter", "Jobs that ended, by final state reported."),
     "edge_agent_jobs_refused_total": ("counter", "Leases refused by this agent's local policy."),
-    "edge_agent_gateway_errors_total": ("counter", "Failed calls to the gateway, by call."),
+    "edge_agent_gateway_errors_total": ("counter", "Failed calls to the gateway (any loop)."),
     "edge_agent_lease_wait_seconds": ("histogram", "Time from asking for work to receiving a lease."),
     "edge_agent_jobs_running": ("gauge", "Jobs this agent holds that have not exited."),
     "edge_agent_slots_free": ("gauge", "Task slots free for new work."),

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 STATUS_FILE = "status.json"
 
@@ -57,6 +57,8 @@ class StatusBoard:
     def __init__(self, path: Path | None) -> None:
         self._path = path
         self._lock = threading.Lock()
+        #: Called on every failed call to the gateway (the agent counts them for /metrics).
+        self.on_gateway_error: Callable[[], None] | None = None
         self._data: dict[str, Any] = {
             "pid": os.getpid(),
             "started_at": _now(),
@@ -108,6 +110,8 @@ class StatusBoard:
 
     def _record_gateway(self, ok: bool, error: str | None) -> bool:
         """Update both gateway views under the lock; True if anything changed."""
+        if not ok and self.on_gateway_error is not None:
+            self.on_gateway_error()
         gw = self._data["gateway"]
         changed = False
         if gw["reachable"] is not ok:

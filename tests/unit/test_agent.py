@@ -679,3 +679,37 @@ def test_read_chunk_never_splits_a_utf8_character(tmp_path: Path) -> None:
     assert len(first) == CHUNK_BYTES - 1
     first.decode("utf-8")
     assert read_chunk(f, len(first), final=False) == "é\n".encode()
+
+
+def test_health_ready_and_metrics_endpoint_follow_the_agent(harness) -> None:
+    h = harness(observe=("127.0.0.1", 0)).start()
+    h.gw.wait_for(lambda: h.agent._observer is not None and h.status()["state"] == "running", "serving")
+    base = f"http://127.0.0.1:{h.agent._observer.port}"
+    h.gw.wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, "ready")
+    assert httpx.get(f"{base}/healthz").json()["ok"] is True
+    h.gw.queue("j1")
+    h.gw.wait_for(lambda: h.gw.states("j1"), "RUNNING report")
+    text = httpx.get(f"{base}/metrics").text
+    assert "edge_agent_jobs_started_total 1" in text
+    assert "edge_agent_jobs_running 1" in text
+    assert 'edge_agent_lease_wait_seconds_count 1' in text
+    h.rt.finish("j1", 0)
+    h.gw.wait_for(lambda: len(h.gw.states("j1")) == 2, "final report")
+    assert 'edge_agent_jobs_finished_total{state="success"} 1' in httpx.get(f"{base}/metrics").text
+    h.agent.stop_gracefully("test")
+    assert h.join() == {"code": 0}
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/healthz", timeout=2)
+
+
+def test_readyz_says_draining_while_the_server_drains_the_agent(harness) -> None:
+    h = harness(observe=("127.0.0.1", 0)).start()
+    h.gw.wait_for(lambda: h.agent._observer is not None and h.status()["state"] == "running", "serving")
+    base = f"http://127.0.0.1:{h.agent._observer.port}"
+    h.gw.drain = True
+    h.gw.wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 503, "not ready while drained")
+    assert "drained by the server" in httpx.get(f"{base}/readyz").json()["reason"]
+    assert "edge_agent_draining 1" in httpx.get(f"{base}/metrics").text
+    assert httpx.get(f"{base}/healthz").status_code == 200  # drained is not unhealthy
+    h.agent.stop_gracefully("test")
+    assert h.join() == {"code": 0}

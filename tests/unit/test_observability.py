@@ -95,14 +95,14 @@ def test_exposition_counters_gauges_histogram() -> None:
     metrics = Metrics(lambda: {"edge_agent_jobs_running": 3, "edge_agent_slots_free": 1, "edge_agent_spool_jobs": None})
     metrics.inc("edge_agent_jobs_finished_total", state="success")
     metrics.inc("edge_agent_jobs_finished_total", state="success")
-    metrics.inc("edge_agent_gateway_errors_total", call='lea"se')
+    metrics.inc("edge_agent_jobs_finished_total", state='fa"il')
     for seconds in (0.02, 0.2, 100.0):
         metrics.observe_lease_wait(seconds)
     metrics.observe_lease_wait(float("nan"))  # ignored
     text = metrics.render()
     samples = _parse(text)
     assert samples['edge_agent_jobs_finished_total{state="success"}'] == 2
-    assert samples['edge_agent_gateway_errors_total{call="lea\\"se"}'] == 1
+    assert samples['edge_agent_jobs_finished_total{state="fa\\"il"}'] == 1
     assert samples["edge_agent_jobs_started_total"] == 0
     assert samples["edge_agent_jobs_running"] == 3
     assert "edge_agent_spool_jobs" not in samples  # unknown value: no sample rather than a lie
