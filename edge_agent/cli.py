@@ -226,6 +226,12 @@ def status(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the gateway."),
+    watch: bool = typer.Option(
+        False, "--watch", "-w", help="Keep the view on screen and refresh it (Ctrl-C leaves; not with --json)."
+    ),
+    interval: float = typer.Option(
+        2.0, "--interval", min=0.5, help="Seconds between refreshes with --watch (the gateway is asked every 5th)."
+    ),
 ) -> None:
     """Show who this agent is, whether the gateway accepts it, and what a running agent is doing.
 
@@ -233,26 +239,68 @@ def status(
     """
     from edge_agent.config import resolve_state_dir
     from edge_agent.identity.keystore import Keystore
-    from edge_agent.observability.status import STATUS_FILE, read_status
-    from edge_agent.spool import usage_on_disk
 
+    if watch and as_json:
+        raise typer.BadParameter("--watch shows a live view; use --json without it", param_hint="--watch")
     sd = resolve_state_dir(state_dir)
     identity = Keystore(sd).load()
-    spooled = usage_on_disk(sd)
-    report: dict[str, Any] = {
-        "state_dir": str(sd),
-        "identity": identity.public_summary(),
-        "certificate_expired": identity.expired(),
-        "gateway": _probe_gateway(identity, timeout),
-        "agent": read_status(sd / STATUS_FILE),
-        # Read from disk, so it is right for a stopped agent too (what its next start replays).
-        "spool": spooled.as_dict() if spooled is not None else None,
-    }
+    if watch:
+        _watch_status(identity, sd, timeout, interval)
+        raise typer.Exit(0)
+    report = _status_report(identity, sd, _probe_gateway(identity, timeout))
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
         _print_status(identity, report)
     raise typer.Exit(0 if report["gateway"]["accepted"] else 1)
+
+
+def _status_report(identity: "StoredIdentity", sd: Path, gateway: dict[str, Any]) -> dict[str, Any]:
+    from edge_agent.observability.status import STATUS_FILE, read_status
+    from edge_agent.spool import usage_on_disk
+
+    spooled = usage_on_disk(sd)
+    return {
+        "state_dir": str(sd),
+        "identity": identity.public_summary(),
+        "certificate_expired": identity.expired(),
+        "gateway": gateway,
+        "agent": read_status(sd / STATUS_FILE),
+        # Read from disk, so it is right for a stopped agent too (what its next start replays).
+        "spool": spooled.as_dict() if spooled is not None else None,
+    }
+
+
+def _watch_status(identity: "StoredIdentity", sd: Path, timeout: float, interval: float) -> None:
+    """``status --watch``: the text view, redrawn in place every ``interval`` seconds until Ctrl-C."""
+    import contextlib
+    import io
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    gateway: dict[str, Any] = {}
+
+    def render(tick: int) -> Text:
+        if tick % 5 == 0:  # a TLS handshake per refresh would be noise in the gateway's log
+            gateway.update(_probe_gateway(identity, timeout))
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            _print_status(identity, _status_report(identity, sd, dict(gateway)))
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return Text(buf.getvalue() + f"\n{stamp}: refreshing every {interval:g} s; Ctrl-C to leave")
+
+    tick = 0
+    with Live(render(tick), console=Console(), auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                tick += 1
+                live.update(render(tick), refresh=True)
+        except KeyboardInterrupt:
+            pass
 
 
 service_app = typer.Typer(help="Install edge-agent as a systemd service.", no_args_is_help=True)

@@ -174,3 +174,40 @@ def test_status_says_how_to_recover_from_an_expired_certificate(tmp_path: Path) 
     assert report["certificate_expired"] is True
     assert "certificate expired at" in report["gateway"]["error"]
     assert "edge-agent register --force" in report["gateway"]["error"]
+
+
+def test_status_watch_redraws_until_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--watch redraws the view from the status file as it changes; Ctrl-C leaves with exit 0."""
+    import os
+    import time as time_mod
+
+    url = f"https://127.0.0.1:{closed_port()}"
+    Keystore(tmp_path, "file").save(stored_identity(url, expires=datetime.now(timezone.utc) + timedelta(hours=5)))
+    status = {"pid": os.getpid(), "started_at": "2026-01-01T00:00:00+00:00", "state": "running",
+              "free_slots": 2, "total_slots": 2, "activity": {}, "jobs": [],
+              "last_heartbeat": {"ok": True, "at": "2026-01-01T00:01:00+00:00", "error": None}}
+    (tmp_path / "status.json").write_text(json.dumps(status))
+    sleeps = []
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 1:  # the agent takes a job between two refreshes
+            status.update(free_slots=1, jobs=[{"job_id": "j9", "dag_id": "etl", "task_id": "load", "run_id": "r",
+                                               "try_number": 1, "phase": "running", "pid": 7}])
+            (tmp_path / "status.json").write_text(json.dumps(status))
+        else:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(time_mod, "sleep", fake_sleep)
+    result = runner.invoke(app, ["status", "--state-dir", str(tmp_path), "--watch", "--interval", "1",
+                                 "--timeout", "5"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert sleeps == [1.0, 1.0]
+    # Off a terminal rich prints only the last frame: it must show the file as it was after the change.
+    assert "1 free of 2" in result.stdout and "2 free of 2" not in result.stdout
+    assert "j9  etl.load" in result.stdout and "Ctrl-C to leave" in result.stdout
+
+
+def test_status_watch_and_json_do_not_mix(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["status", "--state-dir", str(tmp_path), "--watch", "--json"])
+    assert result.exit_code == 2 and "--watch" in result.output
