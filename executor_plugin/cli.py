@@ -11,6 +11,7 @@
     airflow edge-agents revoke AGENT [--json]
     airflow edge-agents drain AGENT [--json]
     airflow edge-agents resume AGENT [--json]
+    airflow edge-agents explain DAG_ID TASK_ID RUN_ID [--map-index N] [--try N] [--json]
     airflow edge-agents gateway [--host 127.0.0.1] [--port 8443]
 
 Airflow imports this module in every ``airflow`` command (provider info ``cli``), so at import time
@@ -32,6 +33,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.cli.cli_config import ActionCommand, Arg, GroupCommand
+
+from executor_plugin.cli_explain import EXPLAIN_COMMAND
 
 if TYPE_CHECKING:
     import argparse
@@ -762,6 +765,7 @@ EDGE_AGENTS_COMMANDS = (
         func=agents_resume,
         args=(ARG_AGENT, ARG_JSON, ARG_VERBOSE),
     ),
+    EXPLAIN_COMMAND,
     ActionCommand(
         name="gateway",
         help="Run the agent gateway (agent API and Execution API over mutual TLS)",

@@ -24,6 +24,7 @@ nothing. This module makes no HTTP calls and holds no SQL: every query is in
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -381,14 +382,36 @@ class EdgeAgentExecutor(BaseExecutor):
         key: KeyTuple = (ti.dag_id, ti.task_id, ti.run_id, ti.map_index, try_number)
         try:
             with create_session(scoped=False) as session:
-                jobs = store.jobs_for_keys(session, [key])
+                job = next((j for j in store.jobs_for_keys(session, [key]) if j.agent_id), None)
+                if job is not None:
+                    notice = self._local_log_notice(session, job)
+                    if notice is not None:
+                        return [notice], []
         except SQLAlchemyError:
-            jobs = []
-        agent_id = next((job.agent_id for job in jobs if job.agent_id), None)
-        if agent_id:
-            return [f"Task ran on edge agent {agent_id}; log shipped to the hosted log folder"], []
+            job = None
+        if job is not None:
+            return [f"Task ran on edge agent {job.agent_id}; log shipped to the hosted log folder"], []
         return ["Task runs on an edge agent; its log is shipped to the hosted log folder"], []
 
+    @staticmethod
+    def _local_log_notice(session: Session, job: store.Job) -> str | None:
+        """Where the log is, for a queue whose policy keeps logs in the agent's region (else None).
+
+        Once the try has ended the gateway's ``.location`` file says the same in the log itself.
+        """
+        from executor_plugin.policy import LOGS_LOCAL
+        from executor_plugin.ui.log_notice import local_log_notice
+
+        policy = store.get_queue_policy(session, job.queue)
+        if policy is None or policy.logs != LOGS_LOCAL or job.agent_id is None:
+            return None
+        agent = store.get_agent(session, job.agent_id)
+        try:
+            log_path = str(json.loads(job.workload).get("log_path") or "?")
+        except ValueError:
+            log_path = "?"
+        return local_log_notice(agent_name=agent.name if agent else job.agent_id, agent_id=job.agent_id,
+                                queue=job.queue, log_path=log_path)
 
 def _warn_if_db_manager_unregistered() -> None:
     """Warn when ``airflow db migrate`` will not manage our tables (provider metadata missing)."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the system packages the test suite needs beyond the venv: a PostgreSQL server for tests/pg.
+# Install the system packages the test suite needs beyond the venv: a PostgreSQL server for tests/pg
+# and a Chromium for the e2e page test.
 #
 # Idempotent and quiet: prints one line saying what it did; apt's output only when apt fails.
 # The tests start their own throwaway cluster (scripts/pgcluster.py) and never use Debian's
@@ -47,6 +48,21 @@ if [ ${#tools[@]} -gt 0 ]; then
         say "installed ${tools[*]}"
     else
         say "missing ${tools[*]} (not root or no apt-get): tests/packaging will skip them"
+    fi
+fi
+
+# tests/e2e/test_e2e_operator_ui.py: Debian's chromium, driven headless by Playwright (its own
+# browser download needs the internet; the system browser does not).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+        say "installed chromium"
+    elif [ -n "${CI:-}" ]; then
+        say "ERROR: chromium missing and not root (or no apt-get); CI needs it for tests/e2e" >&2
+        exit 1
+    else
+        say "chromium missing (not root or no apt-get): install Debian's 'chromium'; the e2e page test will skip"
     fi
 fi
 

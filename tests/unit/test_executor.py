@@ -516,3 +516,19 @@ def test_sync_cancels_queued_jobs_whose_ti_was_settled_by_hand(executor, session
     assert by_task["t1"]["state"] == JobStatus.CANCELLED  # marked failed while queued
     assert by_task["t2"]["state"] == JobStatus.CANCELLED  # its run was deleted
     assert "no longer queued" in by_task["t1"]["reason"]
+
+
+def test_get_task_log_says_where_a_local_log_is(executor, session):
+    """A queue whose policy keeps logs in the region: the log view names the agent and the file."""
+    store.set_queue_policy(session, "eu", regions=None, logs="local")
+    session.commit()
+    workload = make_workload()
+    queue(executor, session, workload)
+    agent = make_agent(session)
+    job = lease(session, agent)
+    report(session, agent, job, "running")
+    sources, logs = executor.get_task_log(workload.ti, try_number=1)
+    (notice,) = sources
+    assert "keeps task logs local" in notice and f"({agent.id})" in notice
+    assert workload.log_path and workload.log_path in notice
+    assert logs == []
