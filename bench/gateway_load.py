@@ -9,6 +9,9 @@ time from its commit to that client holding the lease is recorded.
 
 Measured: wake latency (median, p95), the gateway's CPU (``/proc`` utime+stime) while the clients
 idle and while jobs are queued, its RSS/PSS, its open sockets, and how long registration took.
+``gateway_listeners`` says which wake-up was measured: the number of the gateway's PostgreSQL
+``LISTEN`` connections open after the wake-ups (1: woken by the enqueue's ``NOTIFY``; 0: by polling;
+None on SQLite).
 """
 
 from __future__ import annotations
@@ -195,6 +198,23 @@ async def _agent(
                 waiter.set_result(received)
 
 
+def _listeners(env: Mapping[str, str]) -> int | None:
+    """Open gateway LISTEN connections on the stack's PostgreSQL (None: not PostgreSQL)."""
+    url = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    if not url.startswith("postgresql"):
+        return None
+    import psycopg
+    from sqlalchemy import make_url
+
+    from executor_plugin.gateway.pg_listen import APPLICATION_NAME, connect_kwargs_for
+
+    with psycopg.connect(autocommit=True, **connect_kwargs_for(make_url(url))) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (APPLICATION_NAME,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _cpu_percent(pid: int, seconds_before: float | None, started: float) -> float | None:
     now = procstat.cpu_seconds(pid)
     if now is None or seconds_before is None:
@@ -266,6 +286,7 @@ async def run_longpoll(
             await asyncio.sleep(rng.uniform(0.2, 0.6))
         busy_cpu = _cpu_percent(gateway_pid, cpu0, t0)
         memory = procstat.tree_memory(gateway_pid)
+        listeners = await asyncio.to_thread(_listeners, hosted_env)
         held_at_end = state.in_flight
     finally:
         state.stop.set()
@@ -288,6 +309,7 @@ async def run_longpoll(
         "gateway_rss_mb": memory.rss_mb,
         "gateway_pss_mb": memory.pss_mb,
         "gateway_sockets": sockets_held,
+        "gateway_listeners": listeners,
         "polls_held_at_end": held_at_end,
         "client_errors": state.errors,
         "unexpected_leases": state.unexpected,

@@ -3,14 +3,16 @@
 The request is held until a job is leased, ``wait_seconds`` (at most
 ``protocol.MAX_LEASE_WAIT_SECONDS``) pass, the client goes away, or the gateway shuts down; the
 reply is then ``{"lease": null}``. Between lease attempts the request waits on the process-wide
-:class:`~executor_plugin.gateway.notify.LeaseNotifier` rather than querying on its own.
+:class:`~executor_plugin.gateway.notify.LeaseNotifier`, which makes no query of its own per request.
 
 * A draining agent is answered at once with no lease; one with no free slot is held without leasing
   (so its poll cadence stays the same).
 * What may be leased is decided by ``store.lease_next`` at each attempt, from the agent row and the
   queue policies as they are then (a policy change applies to held polls too).
-* A held request re-reads its agent at least every :data:`AGENT_RECHECK_SECONDS`: a revoked agent's
-  poll ends with 403 within seconds, a drained one's with no lease.
+* A held request is woken for a new attempt when work it may take is queued, and when the notifier's
+  batched re-read of the agents holding polls (every ``notify.AGENT_CHECK_SECONDS``) finds its agent
+  revoked, drained, gone, or allowed other queues: a revoked agent's poll ends with 403 within
+  seconds, a drained one's with no lease.
 * The workload's task token is replaced by one minted now: the scheduler's may have aged in the
   queue, and a workload token only lives ``[scheduler] task_queued_timeout``.
 * The lease carries the queue's log policy (``hosted`` or ``local``).
@@ -46,10 +48,6 @@ from executor_plugin.policy import log_policy
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-#: A held lease request re-reads its agent row at least this often (revocation, drain).
-AGENT_RECHECK_SECONDS = 2.0
-
 
 def workload_token_generator():
     """The JWT generator for workload tokens, built exactly like ``BaseExecutor.jwt_generator``."""
@@ -104,9 +102,16 @@ class _Attempt:
     queues: tuple[str, ...] = ()
 
 
-def _attempt(session: Session, agent_id: str, lease: bool, lease_ttl: timedelta) -> _Attempt:
-    """One database round trip: re-read the agent, then try to lease (when it has a free slot)."""
-    agent = store.get_agent(session, agent_id)
+def _attempt(
+    session: Session, known: store.Agent | None, agent_id: str, lease: bool, lease_ttl: timedelta
+) -> _Attempt:
+    """One database session: re-read the agent, then try to lease (when it has a free slot).
+
+    ``known``: the agent as the request's authentication read it an instant ago, so the first
+    attempt skips reading it again (``lease_next`` re-reads it anyway before leasing: a revocation
+    in between still leases nothing, and the notifier's agent check then ends the poll).
+    """
+    agent = known or store.get_agent(session, agent_id)
     if agent is None or agent.state != AgentStatus.ACTIVE:
         return _Attempt(agent=agent)
     if lease:
@@ -119,15 +124,17 @@ def _attempt(session: Session, agent_id: str, lease: bool, lease_ttl: timedelta)
 
 async def _wait(
     notifier: LeaseNotifier,
-    queues: tuple[str, ...],
+    agent_id: str,
+    attempt: _Attempt,
+    leasing: bool,
     timeout: float,
     disconnected: asyncio.Future[None],
-    refused_by: str | None,
+    since: int,
 ) -> str:
-    """``"work"`` when woken for possible work, ``"timeout"``, or ``"gone"`` (client left, shutdown)."""
+    """``"again"`` when woken for a new attempt, ``"timeout"``, or ``"gone"`` (client left, shutdown)."""
     if disconnected.done() or notifier.closed:
         return "gone"
-    waiter = asyncio.ensure_future(notifier.wait(queues, timeout, refused_by=refused_by))
+    waiter = asyncio.ensure_future(notifier.wait(agent_id, attempt.queues, timeout, leasing=leasing, since=since))
     done, _ = await asyncio.wait({waiter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
     if waiter not in done:
         waiter.cancel()
@@ -137,7 +144,7 @@ async def _wait(
     if disconnected.done() or notifier.closed:
         # A job leased for a client that has gone would sit unseen until its lease lapses.
         return "gone"
-    return "work" if waiter.result() else "timeout"
+    return "again" if waiter.result() else "timeout"
 
 
 @router.post(LEASE_PATH, response_model=LeaseResponse)
@@ -148,12 +155,13 @@ async def lease(body: LeaseRequest, request: Request, agent: store.Agent = Depen
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(body.wait_seconds, MAX_LEASE_WAIT_SECONDS)
     disconnected = asyncio.ensure_future(_until_disconnect(request))
-    # After a wake-up that leased nothing (the job went to another agent, or this agent refused
-    # it), wait on a key that ignores this agent's refusals, or it would be woken at every poll.
-    refused_by: str | None = None
+    leasing = body.free_slots > 0
+    known: store.Agent | None = agent
     try:
         while True:
-            attempt = await db(_attempt, agent.id, body.free_slots > 0, state.settings.lease_ttl)
+            since = state.notifier.mark()
+            attempt = await db(_attempt, known, agent.id, leasing, state.settings.lease_ttl)
+            known = None  # every later attempt follows a wait: read the agent afresh
             if attempt.agent is None or attempt.agent.state == AgentStatus.REVOKED:
                 raise HTTPException(403, f"agent {agent.id} is revoked")
             if attempt.agent.state != AgentStatus.ACTIVE:
@@ -173,12 +181,8 @@ async def lease(body: LeaseRequest, request: Request, agent: store.Agent = Depen
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return LeaseResponse()
-            outcome = await _wait(
-                state.notifier, attempt.queues, min(remaining, AGENT_RECHECK_SECONDS), disconnected, refused_by
-            )
-            if outcome == "gone":
+            outcome = await _wait(state.notifier, agent.id, attempt, leasing, remaining, disconnected, since)
+            if outcome != "again":
                 return LeaseResponse()
-            if outcome == "work":
-                refused_by = agent.id
     finally:
         disconnected.cancel()
