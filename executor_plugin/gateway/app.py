@@ -22,10 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from executor_plugin import store
 from executor_plugin.gateway.auth import RequireAgentCertificate
 from executor_plugin.gateway.ca_watch import CA_CHECK_SECONDS, LiveCA
-from executor_plugin.gateway.notify import LeaseNotifier, WaitKey
+from executor_plugin.gateway.notify import LeaseNotifier
 from executor_plugin.gateway.routes import GatewayState, build_router
 from executor_plugin.gateway.routes.lease import workload_token_generator
 from executor_plugin.pki import CertificateAuthority
@@ -34,13 +33,6 @@ from executor_plugin.settings import HostedSettings
 log = logging.getLogger(__name__)
 
 EXECUTION_MOUNT = "/execution"
-
-
-def _keys_with_work(keys: list[WaitKey]) -> list[WaitKey]:
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        return [key for key in keys if store.queued_exists(session, key.queues, refused_by=key.refused_by)]
 
 
 async def _watch_ca(live_ca: LiveCA) -> None:
@@ -102,7 +94,7 @@ def create_app(settings: HostedSettings, *, ca: CertificateAuthority | None = No
     state = GatewayState(
         settings=settings,
         live_ca=LiveCA(ca),
-        notifier=LeaseNotifier(_keys_with_work, settings.lease_poll_interval),
+        notifier=LeaseNotifier(poll_interval=settings.lease_poll_interval),
         jwt_generator=workload_token_generator(),
     )
     execution_api = _execution_api()

@@ -37,7 +37,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from starlette.concurrency import run_in_threadpool
 
@@ -78,14 +78,6 @@ def _airflow_listener(on_queue: Callable[[str], None], on_listening: Callable[[b
     return for_airflow_engine(on_queue, on_listening)
 
 
-class WaitKey(NamedTuple):
-    """No longer used by the notifier. ``app.py`` still imports it for ``_keys_with_work``, the
-    per-queue-set check that the snapshot replaced; remove both together."""
-
-    queues: QueueSet
-    refused_by: str | None = None
-
-
 _arrivals = itertools.count()
 
 
@@ -109,14 +101,11 @@ class _Waiter:
 class LeaseNotifier:
     def __init__(
         self,
-        _unused_check: object = None,
         poll_interval: float = 0.1,
         *,
         probe: Probe = read_snapshot,
         listener: ListenerFactory | None = _airflow_listener,
     ) -> None:
-        # ``_unused_check``: app.py still passes its per-queue-set check first; one snapshot per
-        # cycle (``probe``) replaced it. Drop the argument together with app.py's ``_keys_with_work``.
         self._probe = probe
         self._listener_factory = listener
         self._listener: Listener | None = None
@@ -332,4 +321,4 @@ class LeaseNotifier:
         return snapshot
 
 
-__all__ = ["AGENT_CHECK_SECONDS", "LeaseNotifier", "Listener", "ListenerFactory", "Probe", "QueueSet", "WaitKey"]
+__all__ = ["AGENT_CHECK_SECONDS", "LeaseNotifier", "Listener", "ListenerFactory", "Probe", "QueueSet"]

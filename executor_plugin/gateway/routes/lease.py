@@ -86,6 +86,23 @@ def _to_lease(job: store.Job, logs: str, state: GatewayState) -> Lease:
     )
 
 
+def _write_log_notice(state: GatewayState, agent: store.Agent, job: store.Job, log_path: object) -> None:
+    """A queue that keeps logs local: leave Airflow's log view a note of where the log is.
+
+    Written next to where shipped chunks would go (``<log_path>.location``), which Airflow's file
+    reader picks up for the try. A failure is logged and never fails the lease.
+    """
+    from executor_plugin.ui.log_notice import write_local_log_notice
+
+    try:
+        write_local_log_notice(
+            state.settings.base_log_folder, log_path=log_path if isinstance(log_path, str) else None,
+            agent_name=agent.name, agent_id=agent.id, queue=job.queue,
+        )
+    except (OSError, ValueError) as exc:
+        log.warning("could not write the local-log notice of job %s: %s", job.id, exc)
+
+
 async def _until_disconnect(request: Request) -> None:
     # The body was read already, so the server's next receive() only returns when the client
     # closes the connection (or the response completes): an abandoned poll frees its waiter at once.
@@ -169,7 +186,7 @@ async def lease(body: LeaseRequest, request: Request, agent: store.Agent = Depen
             if attempt.job is not None:
                 job = attempt.job
                 try:
-                    return LeaseResponse(lease=_to_lease(job, attempt.log_policy, state))
+                    leased = _to_lease(job, attempt.log_policy, state)
                 except ValueError as exc:
                     # A corrupt row would otherwise be leased, fail and be retried forever.
                     log.error("job %s has an unreadable workload (%s); failing it", job.id, exc)
@@ -178,6 +195,9 @@ async def lease(body: LeaseRequest, request: Request, agent: store.Agent = Depen
                         reason=f"unreadable workload: {exc}",
                     )
                     continue
+                if leased.log_policy is LogPolicy.LOCAL:
+                    await db(_write_log_notice, state, attempt.agent, job, leased.workload.get("log_path"))
+                return LeaseResponse(lease=leased)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return LeaseResponse()
