@@ -376,17 +376,10 @@ def test_explain_a_task_on_an_unserved_queue(e2e, ui_agent, screen):
 # -------------------------------------------------------------------------------------------------
 
 
-def _gateway_writes_notices() -> bool:
-    """Has the gateway been wired to write the local-logs notice (executor_plugin/ui/log_notice.py)?"""
-    root = Path(__file__).resolve().parents[2] / "executor_plugin" / "gateway"
-    return any("write_local_log_notice" in path.read_text() for path in root.rglob("*.py"))
-
-
 def test_task_logs_in_the_ui_while_running_and_after(e2e, ui_agent, screen, tmp_path):
     stack = e2e.stack
     release = tmp_path / "release"
     run_id = stack.trigger(DAG_LOGS, {"release": str(release)})
-    pending: list[str] = []
     try:
         for task_id in ("hosted_logs", "local_logs"):
             try:
@@ -402,16 +395,12 @@ def test_task_logs_in_the_ui_while_running_and_after(e2e, ui_agent, screen, tmp_
         e2e.check("operator-ui: hosted task released" not in running_text, "read after the release?", DAG_LOGS, run_id)
 
         # logs = local: the notice says where the log is; the task's own lines never arrive.
-        local_running = ""
         try:
             local_running = stack.wait_log(DAG_LOGS, run_id, "local_logs", 1, NOTICE, timeout=45)
         except StackError as exc:
-            if _gateway_writes_notices():
-                e2e.fail(f"no local-logs notice in the running task's log:\n{exc}", DAG_LOGS, run_id)
-            pending.append("the gateway does not write the local-logs notice yet")
-        if local_running:
-            e2e.check(f"edge agent {UI_AGENT} ({ui_agent.agent_id})" in local_running and "attempt=1.log" in local_running,
-                      f"notice lacks agent or path:\n{local_running[-2000:]}", DAG_LOGS, run_id)
+            e2e.fail(f"no local-logs notice in the running task's log:\n{exc}", DAG_LOGS, run_id)
+        e2e.check(f"edge agent {UI_AGENT} ({ui_agent.agent_id})" in local_running and "attempt=1.log" in local_running,
+                  f"notice lacks agent or path:\n{local_running[-2000:]}", DAG_LOGS, run_id)
         local_now = stack.task_log(DAG_LOGS, run_id, "local_logs", 1)
         e2e.check("operator-ui: local log line" not in local_now, "a logs=local task's line reached the hosted side",
                   DAG_LOGS, run_id)
@@ -431,17 +420,14 @@ def test_task_logs_in_the_ui_while_running_and_after(e2e, ui_agent, screen, tmp_
             if "task_id=local_logs" in str(p) and f"run_id={run_id}" in str(p)]
     e2e.check(kept and "operator-ui: local log line" in kept[0].read_text(errors="replace"),
               f"the agent's own log folder lacks the task's log: {kept}", DAG_LOGS, run_id)
-    if not pending:
-        e2e.check(NOTICE in after and UI_AGENT in after, f"no notice after the run:\n{after[-2000:]}", DAG_LOGS, run_id)
-        rel = kept[0].relative_to(ui_agent.state_dir / "logs")
-        e2e.check(str(rel) in after, f"the notice does not name {rel}:\n{after[-2000:]}", DAG_LOGS, run_id)
+    e2e.check(NOTICE in after and UI_AGENT in after, f"no notice after the run:\n{after[-2000:]}", DAG_LOGS, run_id)
+    rel = kept[0].relative_to(ui_agent.state_dir / "logs")
+    e2e.check(str(rel) in after, f"the notice does not name {rel}:\n{after[-2000:]}", DAG_LOGS, run_id)
 
     # Airflow's own task log view, rendered in Chromium.
     base = f"{stack.api_url}/dags/{DAG_LOGS}/runs/{quote(run_id, safe='')}/tasks"
     screen.page.goto(f"{base}/hosted_logs")
     screen.expect_text("body", "operator-ui: hosted log line", "airflow-log-hosted", timeout_ms=90_000)
-    if pending:
-        pytest.xfail("; ".join(pending) + " (the rest of the log checks passed)")
     screen.page.goto(f"{base}/local_logs")
     screen.expect_text("body", NOTICE, "airflow-log-local", timeout_ms=90_000)
     screen.expect_text("body", f"edge agent {UI_AGENT}", "airflow-log-local-agent")

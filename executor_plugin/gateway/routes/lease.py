@@ -196,7 +196,8 @@ async def lease(body: LeaseRequest, request: Request, agent: store.Agent = Depen
                     )
                     continue
                 if leased.log_policy is LogPolicy.LOCAL:
-                    await db(_write_log_notice, state, attempt.agent, job, leased.workload.get("log_path"))
+                    log_path = leased.workload.get("log_path")
+                    await asyncio.to_thread(_write_log_notice, state, attempt.agent, job, log_path)
                 return LeaseResponse(lease=leased)
             remaining = deadline - loop.time()
             if remaining <= 0:
