@@ -405,6 +405,7 @@ class LocalStack:
                         "--host", "127.0.0.1", "--port", str(self.gateway_port),
                     ],
                 ),
+                *self._more_hosted(),
             ]
             self._wait.until("api-server and job heartbeats", self._health_ok, STARTUP_TIMEOUT, hosted, self._ctx)
             self._wait.until("gateway trust bundle over TLS", self._gateway_ok, STARTUP_TIMEOUT, hosted, self._ctx)
@@ -500,6 +501,47 @@ class LocalStack:
         if errors:
             raise errors[0]
 
+    def _more_hosted(self) -> list[Component]:
+        """Hook: more hosted components to start with the standard ones (a second scheduler...)."""
+        return []
+
+    def respawn(self, old: Component) -> Component:
+        """Start a component again with the same argv, environment and log file; return the new one.
+
+        The caller ends the old process first (``stop()``, or a fault it injected). The new
+        component takes the old one's place in :attr:`components` or :attr:`agents`; an agent
+        keeps its state dir (no new registration), a gateway or scheduler its port and config.
+        Call it from the thread that started the stack: the child gets SIGTERM when the thread that
+        started it ends (``PR_SET_PDEATHSIG`` follows the thread, not the process).
+        """
+        if old.alive:
+            raise StackError(f"{old.name} (pid {old.proc.pid}) is still running: end it before respawning")
+        # The old group may still hold children (a killed agent's zygote): they would hold its
+        # state-dir lock or a task's slot. Nothing of it may outlive the respawn.
+        old.stopped = True
+        old.signal_group(signal.SIGKILL)
+        is_agent = isinstance(old, AgentProcess)
+        env = old.env if is_agent else self._env
+        cwd = old.state_dir.parent if is_agent else self.home
+        with old.log_path.open("ab") as log:
+            log.write(f"\n===== {old.name} restarted by the stack driver =====\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                list(old.proc.args), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        if is_agent:
+            new: Component = AgentProcess(
+                name=old.name, proc=proc, log_path=old.log_path, agent_id=old.agent_id, state_dir=old.state_dir,
+                dags_folder=old.dags_folder, queues=old.queues, region=old.region, env=dict(old.env),
+            )
+            group: list[Any] = self.agents
+        else:
+            new = Component(name=old.name, proc=proc, log_path=old.log_path)
+            group = self.components
+        group[group.index(old)] = new
+        return new
+
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Component:
         log_path = self.logs_dir / f"{name}.log"
         with log_path.open("ab") as log:
@@ -594,8 +636,13 @@ class LocalStack:
         concurrency: int = 4,
         extra_env: Mapping[str, str] | None = None,
         dags_folder: Path | None = None,
+        gateway_url: str | None = None,
     ) -> AgentProcess:
-        """Mint a token, register over the gateway, start ``edge-agent run``; return when it leases."""
+        """Mint a token, register over the gateway, start ``edge-agent run``; return when it leases.
+
+        ``gateway_url`` (default: the stack's gateway) is the URL the agent registers with and keeps
+        using, e.g. a proxy in front of a gateway; its certificate must cover the host.
+        """
         agent_dir = self.home / "agents" / name
         state_dir = agent_dir / "state"
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -615,7 +662,7 @@ class LocalStack:
         try:
             _run_checked(
                 [
-                    str(_BIN / "edge-agent"), "register", "--url", self.gateway_url,
+                    str(_BIN / "edge-agent"), "register", "--url", gateway_url or self.gateway_url,
                     "--token-file", str(token_file), "--state-dir", str(state_dir), "--name", name,
                 ],
                 env=env, what=f"edge-agent register ({name})", log_path=self.logs_dir / "cli.log",
