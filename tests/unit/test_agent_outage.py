@@ -207,6 +207,8 @@ def test_replay_order_per_job_running_then_log_from_the_cursor_then_final(harnes
     assert bytes(h.gw.logs["a"]).decode() == already + '{"event": "after the cursor"}\n'
     assert "DAG file missing" in bytes(h.gw.logs["b"]).decode()
     h.gw.wait_for(lambda: not spool_records(sd), "spool emptied")
+    # The lease loop asks only after the replay; on a loaded machine its first call may come later.
+    h.gw.wait_for(lambda: p.LEASE_PATH in h.gw.paths(), "a lease request after the replay")
     assert index(h.gw, p.job_state_path("a"), last=True) < index(h.gw, p.LEASE_PATH)
     h.agent.stop_gracefully("test")
     assert h.join() == {"code": 0}
