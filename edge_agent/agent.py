@@ -228,19 +228,14 @@ class JobTable:
         with self._cond:
             return self._jobs.get(job_id)
 
-    def remove(self, job_id: str, rec: JobRecord | None = None) -> JobRecord | None:
-        """Forget ``rec`` (or the live record of ``job_id``); returns what was removed."""
+    def remove(self, rec: JobRecord) -> None:
+        """Forget ``rec`` (live or replayed); a newer record of the same job stays."""
         with self._cond:
-            removed = None
             for table in (self._jobs, self._replay):
-                held = table.get(job_id)
-                if held is not None and (rec is None or held is rec):
-                    removed = table.pop(job_id)
+                if table.get(rec.job_id) is rec:
+                    del table[rec.job_id]
                     break
-                if rec is None:
-                    break  # without a record only the live table is meant
             self._cond.notify_all()
-            return removed
 
     def records(self) -> list[JobRecord]:
         """Replayed records first (oldest first), then the live ones: the spool is replayed before new work."""
@@ -315,8 +310,6 @@ class Agent:
         *,
         runtime_factory: Callable[..., RuntimeLike] = default_runtime_factory,
         forwarder_factory: Callable[[Path, SendFn], ForwarderLike] = default_forwarder_factory,
-        drain_grace: float | None = None,
-        cancel_grace: float | None = None,
         policy: Policy | None = None,
         keystore: Keystore | None = None,
         client_factory: Callable[[StoredIdentity], Any] | None = None,
@@ -336,10 +329,6 @@ class Agent:
         self._api_factory = api_factory
         self._runtime_factory = runtime_factory
         self._forwarder_factory = forwarder_factory
-        #: Seconds a drain waits for running tasks before cancelling them (``--drain-grace``).
-        self.drain_grace = config.drain_grace if drain_grace is None else drain_grace
-        #: Seconds between a cancel's SIGTERM and SIGKILL (``--cancel-grace``).
-        self.cancel_grace = config.cancel_grace if cancel_grace is None else cancel_grace
         self.spool = Spool(config.state_dir)
 
         self.cond = threading.Condition(threading.RLock())
@@ -385,13 +374,11 @@ class Agent:
                 self.stop_reason = reason
             self.cond.notify_all()
 
-    def stop_now(self, reason: str = "stop requested twice",
-                 cancel_reason: str = "agent stopping now (second stop request)") -> None:
+    def stop_now(self, reason: str = "stop requested twice") -> None:
         with self.cond:
             if self.phase in (Phase.RUNNING, Phase.DRAINING):
                 self.phase = Phase.CANCELLING
                 self.stop_reason = reason
-                self._cancel_reason = cancel_reason
             self.cond.notify_all()
 
     def abort(self, reason: str = "stop requested three times") -> None:
@@ -610,8 +597,7 @@ class Agent:
         """The job's final state was delivered (or it was lost): free its slot and its spool record."""
         # Spool first: whoever sees the slot free must not find the delivered record still on disk.
         self.spool.delete(rec.job_id, rec.lease.fencing)
-        self.jobs.remove(rec.job_id, rec)
-        self.status.set(spool=self.spool.usage().as_dict())
+        self.jobs.remove(rec)
         self.publish()
 
     def _cancel(self, job_id: str, reason: str) -> None:
@@ -619,7 +605,7 @@ class Agent:
         if runtime is None:
             return
         try:
-            runtime.cancel(job_id, reason, grace=self.cancel_grace)
+            runtime.cancel(job_id, reason, grace=self.config.cancel_grace)
         except Exception as exc:  # the runtime may already be gone; the job then exits on its own
             log.warning("could not cancel job %s: %s", job_id, exc)
 
@@ -690,8 +676,9 @@ class Agent:
                 t.start()
                 threads[name] = t
             self._serving = True
-            log.info("agent %s running with %d slots (drain grace %g s, cancel grace %g s)", self.identity.agent_id,
-                     self.config.concurrency, self.drain_grace, self.cancel_grace)
+            log.info("agent %s running with %d slots (drain grace %g s, cancel grace %g s)",
+                     self.identity.agent_id, self.config.concurrency, self.config.drain_grace,
+                     self.config.cancel_grace)
             # systemd (Type=notify): ready only once the runtime and the loops run; the watchdog is
             # fed only while every loop thread lives, so a wedged agent is restarted.
             self._notifier.ready(f"serving {self.config.concurrency} slots as {self.identity.agent_id}")
@@ -737,7 +724,7 @@ class Agent:
         """Would this agent take work now?"""
         with self.cond:
             serving, phase, server_drain = self._serving, self.phase, self.server_drain
-        reachable = (self.status.snapshot().get("gateway") or {}).get("reachable")
+        reachable = self.status.reachable()
         if not serving:
             return Check(False, "starting")
         if phase is not Phase.RUNNING:
@@ -749,9 +736,8 @@ class Agent:
         return Check(True, f"serving; {self.jobs.free_slots()} of {self.config.concurrency} slots free")
 
     def _gauges(self) -> dict[str, float | None]:
-        snap = self.status.snapshot()
-        spool = snap.get("spool") or {}
-        reachable = (snap.get("gateway") or {}).get("reachable")
+        spool = self.spool.usage()
+        reachable = self.status.reachable()
         with self.cond:
             running = sum(1 for r in self.jobs.records() if r.started and not r.exited)
             draining = self.phase is not Phase.RUNNING or self.server_drain
@@ -760,8 +746,8 @@ class Agent:
             "edge_agent_jobs_running": running,
             "edge_agent_slots_free": self.jobs.free_slots(),
             "edge_agent_slots_total": self.config.concurrency,
-            "edge_agent_spool_jobs": spool.get("jobs"),
-            "edge_agent_spool_bytes": spool.get("bytes"),
+            "edge_agent_spool_jobs": spool.jobs,
+            "edge_agent_spool_bytes": spool.bytes,
             "edge_agent_cert_expiry_seconds": (expires - datetime.now(timezone.utc)).total_seconds() if expires else None,
             "edge_agent_gateway_up": None if reachable is None else float(bool(reachable)),
             "edge_agent_draining": float(draining),
@@ -805,7 +791,7 @@ class Agent:
                     if phase is Phase.DRAINING and _past(self._deadline):
                         # Past the drain grace: a service manager would soon kill everything
                         # without a report; cancelling now reports the tasks as failed instead.
-                        why = f"drain grace of {self.drain_grace:g} s expired"
+                        why = f"drain grace of {self.config.drain_grace:g} s expired"
                         self.phase, self.stop_reason, self._cancel_reason = Phase.CANCELLING, why, why
                         continue
                     deadline = self._deadline
@@ -841,15 +827,15 @@ class Agent:
         self._notifier.stopping(f"{phase.value}: {self.stop_reason}")
         if phase is Phase.DRAINING:
             with self.cond:
-                self._deadline = time.monotonic() + self.drain_grace
+                self._deadline = time.monotonic() + self.config.drain_grace
             self.status.activity("agent", f"draining ({self.stop_reason}): no new work, waiting up to "
-                                          f"{self.drain_grace:g} s for running jobs, then cancelling them")
+                                          f"{self.config.drain_grace:g} s for running jobs, then cancelling them")
             return
         if self._cancelled:
             return
         self._cancelled = True
         with self.cond:
-            self._deadline = time.monotonic() + self.cancel_grace + CANCEL_REPORT_MARGIN
+            self._deadline = time.monotonic() + self.config.cancel_grace + CANCEL_REPORT_MARGIN
             reason = self._cancel_reason if phase is Phase.CANCELLING else f"agent failed: {self.fatal}"
         self.status.activity("agent", f"{phase.value}: cancelling running jobs ({reason})")
         for rec in self.jobs.records():

@@ -55,10 +55,6 @@ class ForwarderError(ConfigError):
     """The forwarder cannot start: unsafe socket directory, socket in use, or bind failure."""
 
 
-#: Kept under this name for callers of the forwarder module.
-refusal_reason = execution_target_refusal
-
-
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     # stop() closes live connections itself; joining a thread blocked in an upstream call would
@@ -116,7 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
-        reason = refusal_reason(self.path)
+        reason = execution_target_refusal(self.path)
         if reason is not None:
             log.warning("forwarder refused %s %s: %s", self.command, self.path[:200], reason)
             self._reply_json(403, reason)
@@ -263,4 +259,4 @@ class Forwarder:
         raise ForwarderError(f"{self.socket_path} is in use by another process (is another agent running?)")
 
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "Forwarder", "ForwarderError", "REQUEST_HEADERS", "RESPONSE_HEADERS", "SendFn", "refusal_reason"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "Forwarder", "ForwarderError", "REQUEST_HEADERS", "RESPONSE_HEADERS", "SendFn"]

@@ -216,28 +216,34 @@ class LogShipper:
     def _ship_log(self, rec: "JobRecord", path: Path, *, final: bool) -> None:
         a = self.agent
         sent = 0
-        while final or sent < MAX_CHUNKS_PER_TICK:
-            data = read_chunk(path, rec.log_offset, final=final)
-            if not data:
-                return
-            chunk = LogChunk(fencing=rec.lease.fencing, offset=rec.log_offset, data=data.decode("utf-8", "replace"))
-            try:
-                a.api.push_logs(rec.job_id, chunk)
-            except LogGap as gap:
-                if not 0 <= gap.size < rec.log_offset:
-                    raise
-                # The gateway lost the tail of its copy (another gateway host, a cleaned log
-                # folder): send again from where its copy ends.
-                log.warning("job %s: gateway has %d bytes of the log, resending from there", rec.job_id, gap.size)
-                with a.cond:
-                    rec.log_offset = gap.size
-            else:
-                with a.cond:
-                    rec.log_offset += len(data)
-            # The cursor on disk: after a restart the log goes on from here (a cursor behind the
-            # gateway's copy is harmless, the gateway skips bytes it has).
-            a.spool_save(rec, progress=True)
-            sent += 1
+        try:
+            while final or sent < MAX_CHUNKS_PER_TICK:
+                data = read_chunk(path, rec.log_offset, final=final)
+                if not data:
+                    return
+                chunk = LogChunk(fencing=rec.lease.fencing, offset=rec.log_offset,
+                                 data=data.decode("utf-8", "replace"))
+                try:
+                    a.api.push_logs(rec.job_id, chunk)
+                except LogGap as gap:
+                    if not 0 <= gap.size < rec.log_offset:
+                        raise
+                    # The gateway lost the tail of its copy (another gateway host, a cleaned log
+                    # folder): send again from where its copy ends.
+                    log.warning("job %s: gateway has %d bytes of the log, resending from there", rec.job_id,
+                                gap.size)
+                    with a.cond:
+                        rec.log_offset = gap.size
+                else:
+                    with a.cond:
+                        rec.log_offset += len(data)
+                sent += 1
+        finally:
+            # The cursor on disk, once per pass rather than per chunk: after a restart the log goes
+            # on from here (a cursor behind the gateway's copy is harmless, the gateway skips bytes
+            # it has).
+            if sent:
+                a.spool_save(rec, progress=True)
 
 
 def read_chunk(path: Path, offset: int, *, final: bool) -> bytes:

@@ -78,6 +78,11 @@ class StatusBoard:
         with self._lock:
             return json.loads(json.dumps(self._data))
 
+    def reachable(self) -> bool | None:
+        """The outcome of the latest call to the gateway (None before the first), without a snapshot."""
+        with self._lock:
+            return self._data["gateway"]["reachable"]
+
     def set(self, **fields: Any) -> None:
         """Replace top-level fields; written to disk only if something changed."""
         with self._lock:
@@ -123,13 +128,11 @@ class StatusBoard:
                 seconds = outage_seconds({"since": since})
                 log.info("gateway reachable again after an outage of %s s", f"{seconds:.0f}" if seconds is not None else "?")
             gw.update(reachable=ok, since=now)
+            self._data["gateway_reachable"] = ok  # always equal to gateway.reachable
             changed = True
         wanted_error = None if ok else (error or gw["last_error"])
         if gw["last_error"] != wanted_error:
             gw["last_error"] = wanted_error
-            changed = True
-        if self._data["gateway_reachable"] is not ok:
-            self._data["gateway_reachable"] = ok
             changed = True
         if error is not None and self._data["last_error"] != error:
             self._data["last_error"] = error

@@ -93,7 +93,7 @@ class RunningAgent:
             return self.runtime
 
         self.agent = Agent(config, identity, lambda: AgentAPI(build_client(identity.url, identity, 10.0)),
-                           runtime_factory=runtime_factory, cancel_grace=5.0)
+                           runtime_factory=runtime_factory)
         self.thread = threading.Thread(target=self._run, name="agent-under-test")
         self.thread.start()
 
@@ -164,7 +164,7 @@ def test_reports_spooled_during_an_outage_arrive_in_order_after_a_restart(start_
     queue = gw.new_queue()
     register(gw.url, str(gw.mint_token(queues=[queue])), "outage-agent", keystore, __version__, timeout=30)
     config = AgentConfig(state_dir=state_dir, concurrency=1, lease_wait=2.0, heartbeat_interval=0.5,
-                         request_timeout=10.0)
+                         request_timeout=10.0, cancel_grace=5.0)
     log_path = "dag_id=d/run_id=r/task_id=outage/attempt=1.log"
     job_id = gw.enqueue(queue, task_id="outage", log_path=log_path)
     back = None

@@ -23,7 +23,7 @@ import trustme
 from edge_agent import protocol as p
 from edge_agent.agent import Agent
 from edge_agent.client import AgentAPI
-from edge_agent.config import AgentConfig
+from edge_agent.config import DEFAULT_DRAIN_GRACE, AgentConfig
 from edge_agent.errors import ConfigError, IdentityRejected, RuntimeUnavailable
 from edge_agent.identity.keystore import StoredIdentity
 from edge_agent.logship import CHUNK_BYTES, read_chunk
@@ -196,10 +196,12 @@ def identity() -> StoredIdentity:
 
 class Harness:
     def __init__(self, tmp_path: Path, identity: StoredIdentity, concurrency: int,
-                 api_factory: Callable[[], AgentAPI] | None = None, **agent_kwargs: Any) -> None:
+                 api_factory: Callable[[], AgentAPI] | None = None, drain_grace: float = DEFAULT_DRAIN_GRACE,
+                 **agent_kwargs: Any) -> None:
         self.gw = FakeGateway()
         self.config = AgentConfig(state_dir=tmp_path, concurrency=concurrency, lease_wait=2.0,
-                                  heartbeat_interval=0.5, request_timeout=10.0)
+                                  heartbeat_interval=0.5, request_timeout=10.0, drain_grace=drain_grace,
+                                  cancel_grace=WAIT)
         self.runtime: FakeRuntime | None = None
         self.rt_ready = threading.Event()
         api_factory_override = api_factory
@@ -213,7 +215,7 @@ class Harness:
             return AgentAPI(httpx.Client(base_url="https://gw.test", transport=httpx.MockTransport(self.gw.handle)))
 
         self.agent = Agent(self.config, identity, api_factory_override or api_factory,
-                           runtime_factory=runtime_factory, cancel_grace=WAIT, **agent_kwargs)
+                           runtime_factory=runtime_factory, **agent_kwargs)
         self.result: dict[str, Any] = {}
         self.thread = threading.Thread(target=self._run, name="agent-under-test")
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent.forwarder import Forwarder, ForwarderError, refusal_reason
+from edge_agent.forwarder import Forwarder, ForwarderError
+from edge_agent.protocol import execution_target_refusal
 
 
 class FakeUpstream:
@@ -142,9 +143,9 @@ def test_non_execution_paths_refused_and_never_sent(
 
 
 def test_refusal_reason_accepts_execution_paths() -> None:
-    assert refusal_reason("/execution/task-instances/1/run") is None
-    assert refusal_reason("/execution/xcoms/d/r/t/k?map_index=1") is None
-    assert refusal_reason("http://evil/execution/x") is not None
+    assert execution_target_refusal("/execution/task-instances/1/run") is None
+    assert execution_target_refusal("/execution/xcoms/d/r/t/k?map_index=1") is None
+    assert execution_target_refusal("http://evil/execution/x") is not None
 
 
 def test_keep_alive_reuses_one_connection(forwarder: Forwarder, upstream: FakeUpstream) -> None:
