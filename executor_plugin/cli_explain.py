@@ -71,8 +71,8 @@ def _explain(args: argparse.Namespace) -> None:
     from airflow.utils.session import create_session
 
     from executor_plugin.cli import UsageError
-    from executor_plugin.explain import TaskNotFound, TaskRef, dead_after, gather
-    from executor_plugin.settings import HostedSettings
+    from executor_plugin.explain import TaskNotFound, TaskRef, gather
+    from executor_plugin.settings import agent_dead_after_from_conf
 
     ref = TaskRef(
         dag_id=args.dag_id,
@@ -87,7 +87,7 @@ def _explain(args: argparse.Namespace) -> None:
                 session,
                 ref,
                 configured_executors=conf.get("core", "executor"),
-                window=dead_after(HostedSettings.from_airflow_conf()),
+                window=agent_dead_after_from_conf(),
             )
         except TaskNotFound as exc:
             raise UsageError(str(exc)) from None

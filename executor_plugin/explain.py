@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from executor_plugin.models import AgentStatus, JobStatus
 from executor_plugin.policy import QueuePolicy, log_policy, region_allowed
+from executor_plugin.settings import DEFAULT_AGENT_DEAD_AFTER_SECONDS
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from executor_plugin.store import Agent
 
-#: Used until ``HostedSettings.agent_dead_after`` exists (three missed beats of the 10 s heartbeat).
-DEFAULT_DEAD_AFTER = timedelta(seconds=30)
+#: The default of ``[edge_agent] agent_dead_after_seconds``.
+DEFAULT_DEAD_AFTER = timedelta(seconds=DEFAULT_AGENT_DEAD_AFTER_SECONDS)
 #: The executor's class name: a task instance whose ``executor`` names it runs on edge agents.
 EXECUTOR_CLASS = "EdgeAgentExecutor"
 
@@ -165,25 +166,6 @@ def jsonable(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------
 
 
-def dead_after(settings: object | None = None) -> timedelta:
-    """``settings.agent_dead_after`` when the settings object has it, else :data:`DEFAULT_DEAD_AFTER`."""
-    value = getattr(settings, "agent_dead_after", None)
-    return value if isinstance(value, timedelta) and value > timedelta(0) else DEFAULT_DEAD_AFTER
-
-
-def heartbeat_age(agent: Agent, now: datetime) -> float | None:
-    """Seconds since the agent's last heartbeat (never negative), None if it never sent one."""
-    if agent.last_heartbeat is None:
-        return None
-    return max(0.0, (now - agent.last_heartbeat).total_seconds())
-
-
-def is_online(agent: Agent, now: datetime, window: timedelta) -> bool:
-    """Online iff the last heartbeat is at most ``window`` old (the executor's rule)."""
-    age = heartbeat_age(agent, now)
-    return age is not None and age <= window.total_seconds()
-
-
 def runs_on_edge_agents(executor: str | None, configured: str) -> bool:
     """Does a task instance's ``executor`` field (None: the default executor) name our executor?
 
@@ -225,7 +207,7 @@ def agent_verdict(
 ) -> AgentVerdict:
     """Every reason ``agent`` cannot be handed a job of ``queue`` now (none: it can)."""
     reasons: list[Reason] = []
-    online = is_online(agent, now, window)
+    online = agent.is_online(window, now)
     if agent.state == AgentStatus.REVOKED:
         reasons.append(Reason(REVOKED, "revoked: it is refused on every request and gets no jobs"))
     if queue not in agent.queues:
@@ -247,7 +229,7 @@ def agent_verdict(
     if agent.state == AgentStatus.DRAINING:
         reasons.append(Reason(DRAINING, "draining: it takes no new jobs until 'airflow edge-agents resume'"))
     if agent.state != AgentStatus.REVOKED and not online:
-        age = heartbeat_age(agent, now)
+        age = agent.heartbeat_age(now)
         since = "it never sent a heartbeat" if age is None else f"last heartbeat {_ago(age)} ago"
         reasons.append(Reason(OFFLINE, f"offline: {since} (limit {_ago(window.total_seconds())})"))
     # Slot counts of an offline or revoked agent are stale; the holder's own job fills a slot.
@@ -500,11 +482,8 @@ __all__ = [
     "TaskRef",
     "agent_verdict",
     "as_utc",
-    "dead_after",
     "explain",
     "gather",
-    "heartbeat_age",
-    "is_online",
     "jsonable",
     "runs_on_edge_agents",
     "select_try",

@@ -98,9 +98,8 @@ def _change(
                 extra=json.dumps({"agent_id": agent_id, "via": "edge-agents page/API"}),
             )
         )
-        agent = store.get_agent(session, agent_id)
+        agent = result.agent if isinstance(result, store.Revocation) else result  # the row after the change
         running = store.running_job_counts(session)
-    assert agent is not None
     [row] = agent_rows([agent], running, now=store.utcnow(), window=ctx.config().dead_after)
     return result, to_json(row)
 

@@ -61,10 +61,9 @@ class UIConfig:
     def from_airflow_conf(cls) -> "UIConfig":
         from airflow.configuration import conf
 
-        from executor_plugin.explain import dead_after
-        from executor_plugin.settings import HostedSettings
+        from executor_plugin.settings import agent_dead_after_from_conf
 
-        return cls(executors=conf.get("core", "executor"), dead_after=dead_after(HostedSettings.from_airflow_conf()))
+        return cls(executors=conf.get("core", "executor"), dead_after=agent_dead_after_from_conf())
 
 
 class UIContext:

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 from statistics import median
 from typing import TYPE_CHECKING, Any
 
-from executor_plugin.explain import as_utc, heartbeat_age, is_online, jsonable
+from executor_plugin.explain import as_utc, jsonable
 from executor_plugin.models import AgentStatus, JobStatus
-from executor_plugin.policy import QueuePolicy, log_policy, region_allowed
+from executor_plugin.policy import QueuePolicy, could_serve, log_policy, may_lease
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -95,7 +95,7 @@ def agent_rows(
 ) -> list[AgentRow]:
     rows = []
     for agent in agents:
-        online = is_online(agent, now, window)
+        online = agent.is_online(window, now)
         rows.append(
             AgentRow(
                 id=agent.id,
@@ -109,7 +109,7 @@ def agent_rows(
                 slots_total=agent.slots_total,
                 running_jobs=running.get(agent.id, 0),
                 last_heartbeat=agent.last_heartbeat,
-                heartbeat_age_seconds=heartbeat_age(agent, now),
+                heartbeat_age_seconds=agent.heartbeat_age(now),
                 version=agent.version,
                 cert_not_after=agent.cert_not_after,
                 cert_expires_in_seconds=(agent.cert_not_after - now).total_seconds() if agent.cert_not_after else None,
@@ -135,8 +135,8 @@ def queue_rows(
     for queue in sorted(names):
         policy = policies.get(queue)
         regions = policy.regions if policy is not None else None
-        serving = [a for a in live if queue in a.queues and region_allowed(a.region, regions)]
-        ready = [a for a in serving if a.state == AgentStatus.ACTIVE and is_online(a, now, window)]
+        serving = [a for a in live if could_serve(a, queue, policy)]
+        ready = [a for a in serving if may_lease(a, queue, policy)[0] and a.is_online(window, now)]
         count = counts.get(queue, JobCounts())
         waits = list(latencies.get(queue, ()))
         rows.append(

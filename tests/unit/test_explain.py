@@ -27,7 +27,7 @@ from sqlalchemy.orm import sessionmaker  # noqa: E402
 from executor_plugin import explain as ex  # noqa: E402
 from executor_plugin import store  # noqa: E402
 from executor_plugin.models import JobStatus, metadata  # noqa: E402
-from executor_plugin.policy import QueuePolicy  # noqa: E402
+from executor_plugin.policy import QueuePolicy, may_lease  # noqa: E402
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 WINDOW = timedelta(seconds=30)
@@ -47,6 +47,9 @@ class FakeAgent:
     slots_free: int = 2
     slots_total: int = 4
     last_heartbeat: datetime | None = NOW - timedelta(seconds=5)
+
+    heartbeat_age = store.Agent.heartbeat_age
+    is_online = store.Agent.is_online
 
 
 def verdict(agent: FakeAgent, *, queue: str = "default", policy: QueuePolicy | None = None,
@@ -249,15 +252,16 @@ def test_runs_on_edge_agents(executor, configured, ours):
     assert ex.runs_on_edge_agents(executor, configured) is ours
 
 
-def test_dead_after_falls_back_until_the_setting_exists():
-    assert ex.dead_after(object()) == timedelta(seconds=30)
-    assert ex.dead_after(None) == timedelta(seconds=30)
-
-    @dataclass
-    class WithSetting:
-        agent_dead_after: timedelta
-
-    assert ex.dead_after(WithSetting(timedelta(seconds=90))) == timedelta(seconds=90)
+@pytest.mark.parametrize("state", ["active", "draining", "revoked"])
+@pytest.mark.parametrize("queues", [("default",), ("gpu",)])
+@pytest.mark.parametrize("region", ["eu-west-1", "us-east-1"])
+@pytest.mark.parametrize("policy", [None, QueuePolicy(queue="default", regions=("eu-*",))])
+def test_the_policy_reasons_agree_with_may_lease(state, queues, region, policy):
+    """Explain lists every reason, leasing stops at the first: both must reach the same verdict."""
+    agent = FakeAgent("a1", queues=queues, region=region, state=state)
+    policy_codes = set(codes(verdict(agent, policy=policy))) & {ex.REVOKED, ex.QUEUE_NOT_SERVED, ex.REGION_EXCLUDED,
+                                                                 ex.DRAINING}
+    assert (not policy_codes) is may_lease(agent, "default", policy)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
