@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 #: poll within this), and the safety poll for work while a PostgreSQL listener is up.
 AGENT_CHECK_SECONDS = 1.0
 
-QueueSet = tuple[str, ...]
-
 #: ``probe(agent_ids, work)``: read the agents ``agent_ids`` (None: not this cycle) and, when
 #: ``work``, the queued jobs. Runs in a worker thread.
 Probe = Callable[[Sequence[str] | None, bool], Snapshot]
@@ -110,8 +108,7 @@ class LeaseNotifier:
         self._listener_factory = listener
         self._listener: Listener | None = None
         self._poll_interval = max(poll_interval, 0.01)
-        #: Every waiter, oldest first; and the same waiters by queue and by agent.
-        self._waiters: dict[_Waiter, None] = {}
+        #: The waiters by queue and by agent (every waiter is in ``_by_agent``), oldest first.
         self._by_queue: dict[str, dict[_Waiter, None]] = {}
         self._by_agent: dict[str, dict[_Waiter, None]] = {}
         self._wanted: asyncio.Event | None = None
@@ -180,8 +177,9 @@ class LeaseNotifier:
     async def aclose(self) -> None:
         """Wake every waiter (they answer 'no lease'), stop the poller and the listener. Idempotent."""
         self._closed = True
-        for waiter in list(self._waiters):
-            waiter.event.set()
+        for group in self._by_agent.values():
+            for waiter in group:
+                waiter.event.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -194,13 +192,11 @@ class LeaseNotifier:
     # -- registry ----------------------------------------------------------------------------------
 
     def _add(self, waiter: _Waiter) -> None:
-        self._waiters[waiter] = None
         self._by_agent.setdefault(waiter.agent_id, {})[waiter] = None
         for queue in waiter.queues:
             self._by_queue.setdefault(queue, {})[waiter] = None
 
     def _remove(self, waiter: _Waiter) -> None:
-        self._waiters.pop(waiter, None)
         for index, name in [(self._by_agent, waiter.agent_id), *((self._by_queue, q) for q in waiter.queues)]:
             group = index.get(name)
             if group is not None:
@@ -256,7 +252,7 @@ class LeaseNotifier:
         assert self._wanted is not None and self._poked is not None
         loop = asyncio.get_running_loop()
         while not self._closed:
-            if not self._waiters:
+            if not self._by_agent:
                 # No poll held: no queries until one is. (No await between the test and the clear,
                 # so a waiter arriving now cannot be missed.)
                 self._wanted.clear()
@@ -321,4 +317,4 @@ class LeaseNotifier:
         return snapshot
 
 
-__all__ = ["AGENT_CHECK_SECONDS", "LeaseNotifier", "Listener", "ListenerFactory", "Probe", "QueueSet"]
+__all__ = ["AGENT_CHECK_SECONDS", "LeaseNotifier", "Listener", "ListenerFactory", "Probe"]

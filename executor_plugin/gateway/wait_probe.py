@@ -146,15 +146,20 @@ def holder_views(session: Session, agent_ids: Sequence[str]) -> dict[str, Holder
     return {agent.id: HolderView(agent.state, frozenset(servable_queues(agent, policies))) for agent in facts}
 
 
+def snapshot(session: Session, agent_ids: Sequence[str] | None, work: bool) -> Snapshot:
+    """The agents ``agent_ids`` (None: not read) and, when ``work``, the queued jobs."""
+    return Snapshot(
+        work=queued_work(session) if work else None,
+        holders=holder_views(session, agent_ids) if agent_ids is not None else None,
+    )
+
+
 def read_snapshot(agent_ids: Sequence[str] | None, work: bool) -> Snapshot:
-    """Both reads in one Airflow session (runs in a worker thread)."""
+    """:func:`snapshot` in one Airflow session (runs in a worker thread)."""
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        return Snapshot(
-            work=queued_work(session) if work else None,
-            holders=holder_views(session, agent_ids) if agent_ids is not None else None,
-        )
+        return snapshot(session, agent_ids, work)
 
 
-__all__ = ["HolderView", "QueuedWork", "Snapshot", "holder_views", "queued_work", "read_snapshot"]
+__all__ = ["HolderView", "QueuedWork", "Snapshot", "holder_views", "queued_work", "read_snapshot", "snapshot"]

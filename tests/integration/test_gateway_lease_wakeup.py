@@ -30,6 +30,18 @@ def _job(gateway, job_id):
         return s.execute(select(job_table).where(job_table.c.id == job_id)).one()
 
 
+def _hold_then_change(gateway, client, free_slots: int, change) -> tuple[HeldPoll, bool]:
+    """Hold a poll, then ``change(session)`` the agent's row; also whether the poll then ended within
+    :data:`ENDS_WITHIN`."""
+    poll = HeldPoll(client, {"free_slots": free_slots, "wait_seconds": 45})
+    assert poll.sent.wait(60)
+    with gateway.home.session() as s:
+        change(s)
+        s.commit()
+    poll.thread.join(ENDS_WITHIN)
+    return poll, not poll.thread.is_alive()
+
+
 def test_every_job_reaches_exactly_one_of_the_polls_on_its_queue(gateway, tmp_path):
     queue = gateway.new_queue()
     agents = [gateway.register(tmp_path, queues=[queue]) for _ in range(4)]
@@ -71,13 +83,7 @@ def test_draining_ends_a_held_poll_without_a_lease(gateway, tmp_path):
     queue = gateway.new_queue()
     agent = gateway.register(tmp_path, queues=[queue])
     with gateway.client(agent, timeout=120) as c:
-        poll = HeldPoll(c, {"free_slots": 1, "wait_seconds": 45})
-        assert poll.sent.wait(60)
-        with gateway.home.session() as s:
-            store.drain_agent(s, agent.agent_id)
-            s.commit()
-        poll.thread.join(ENDS_WITHIN)
-        ended = not poll.thread.is_alive()
+        poll, ended = _hold_then_change(gateway, c, 1, lambda s: store.drain_agent(s, agent.agent_id))
         job_id = gateway.enqueue(queue)
         assert _lease_of(poll) is None
     assert ended, f"the held poll of a drained agent did not end within {ENDS_WITHIN} s"
@@ -87,13 +93,7 @@ def test_draining_ends_a_held_poll_without_a_lease(gateway, tmp_path):
 def test_revocation_ends_a_held_poll_without_free_slots(gateway, tmp_path):
     agent = gateway.register(tmp_path)
     with gateway.client(agent, timeout=120) as c:
-        poll = HeldPoll(c, {"free_slots": 0, "wait_seconds": 45})
-        assert poll.sent.wait(60)
-        with gateway.home.session() as s:
-            store.revoke_agent(s, agent.agent_id)
-            s.commit()
-        poll.thread.join(ENDS_WITHIN)
-        ended = not poll.thread.is_alive()
+        poll, ended = _hold_then_change(gateway, c, 0, lambda s: store.revoke_agent(s, agent.agent_id))
         r = poll.result()
     assert ended, f"the held poll of a revoked agent did not end within {ENDS_WITHIN} s"
     assert r.status_code == 403

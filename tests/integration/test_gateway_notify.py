@@ -215,7 +215,9 @@ def test_a_poll_without_free_slots_wakes_for_its_agent_only():
         assert await hold(notifier, db, "ag_1", ("a",), 0.5, leasing=False) is False
         assert all(not work for _, work in db.calls)  # nobody waited for work: the table was not read
         held = hold(notifier, db, "ag_1", (), 30, leasing=False)
-        await asyncio.sleep(POLL)
+        reads = len(db.calls)
+        await _until(lambda: len(db.calls) > reads + 1)  # read with the poll held, agent unchanged
+        assert not held.done()
         db.agents["ag_1"] = HolderView(AgentStatus.REVOKED, frozenset())
         assert await held is True
         await notifier.aclose()
@@ -265,7 +267,7 @@ def test_cancelled_waiter_is_forgotten():
         await asyncio.sleep(0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        assert (notifier._waiters, notifier._by_queue, notifier._by_agent) == ({}, {}, {})
+        assert (notifier._by_queue, notifier._by_agent) == ({}, {})
         await notifier.aclose()
 
     asyncio.run(main())
@@ -285,59 +287,6 @@ def test_failing_reads_time_waiters_out_then_recover():
     asyncio.run(main())
 
 
-def test_a_notification_wakes_a_waiter_without_waiting_for_the_poll(monkeypatch):
-    # Polls so slow that within the test only a notification can wake anyone.
-    monkeypatch.setattr(notify, "AGENT_CHECK_SECONDS", 300.0)
-
-    async def main():
-        db = FakeDb()
-        listener = FakeListener()
-        notifier = make(db, poll=300.0, listener=listener)
-        held = hold(notifier, db, "ag_1", ("a",), 60)
-        await _until(lambda: listener.on_listening is not None and db.calls)
-        listener.on_listening(True)
-        await _until(lambda: len(db.calls) >= 2)  # coming up, it looks once for what it missed
-        assert notifier.listening
-        reads = len(db.calls)
-        listener.on_queue("elsewhere")  # nobody here waits on it: no read
-        await asyncio.sleep(POLL * 4)
-        assert len(db.calls) == reads and not held.done()
-        db.queued["a"] = 1
-        listener.on_queue("a")
-        assert await held is True
-        listener.on_listening(False)
-        assert not notifier.listening
-        await notifier.aclose()
-
-    asyncio.run(main())
-
-
-def test_a_notification_heard_during_the_lease_attempt_is_not_lost(monkeypatch):
-    monkeypatch.setattr(notify, "AGENT_CHECK_SECONDS", 300.0)
-
-    async def main():
-        db = FakeDb()
-        listener = FakeListener()
-        notifier = make(db, poll=300.0, listener=listener)
-        # Start the poller and the listener, and let their first reads pass.
-        first = hold(notifier, db, "ag_0", ("other",), 60)
-        await _until(lambda: listener.on_listening is not None and db.calls)
-        listener.on_listening(True)
-        await _until(lambda: len(db.calls) >= 2)
-        # A lease attempt runs (it saw no job); meanwhile the job is queued and its notification
-        # heard, while no waiter for "a" is registered yet.
-        since = notifier.mark()
-        db.queued["a"] = 1
-        listener.on_queue("a")
-        assert await hold(notifier, db, "ag_1", ("a",), 60, since=since) is True
-        # Without the mark (a notification from before the attempt), nothing is re-checked.
-        assert await hold(notifier, db, "ag_2", ("a",), 0.3, since=notifier.mark()) is False
-        first.cancel()
-        await notifier.aclose()
-
-    asyncio.run(main())
-
-
 def _listening_notifier(db: FakeDb, listener: FakeListener, monkeypatch) -> LeaseNotifier:
     """A notifier whose polls are minutes apart: within a test only notifications make it look."""
     monkeypatch.setattr(notify, "AGENT_CHECK_SECONDS", 300.0)
@@ -351,6 +300,47 @@ async def _bring_up(notifier: LeaseNotifier, db: FakeDb, listener: FakeListener)
     listener.on_listening(True)
     await _until(lambda: len(db.calls) >= 2)
     return first
+
+
+def test_a_notification_wakes_a_waiter_without_waiting_for_the_poll(monkeypatch):
+    async def main():
+        db, listener = FakeDb(), FakeListener()
+        notifier = _listening_notifier(db, listener, monkeypatch)
+        first = await _bring_up(notifier, db, listener)  # coming up, it looks once for what it missed
+        assert notifier.listening
+        held = hold(notifier, db, "ag_1", ("a",), 60)
+        reads = len(db.calls)
+        listener.on_queue("elsewhere")  # nobody here waits on it: no read
+        await asyncio.sleep(POLL * 4)
+        assert len(db.calls) == reads and not held.done()
+        db.queued["a"] = 1
+        listener.on_queue("a")
+        assert await held is True
+        listener.on_listening(False)
+        assert not notifier.listening
+        first.cancel()
+        await notifier.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_notification_heard_during_the_lease_attempt_is_not_lost(monkeypatch):
+    async def main():
+        db, listener = FakeDb(), FakeListener()
+        notifier = _listening_notifier(db, listener, monkeypatch)
+        first = await _bring_up(notifier, db, listener)
+        # A lease attempt runs (it saw no job); meanwhile the job is queued and its notification
+        # heard, while no waiter for "a" is registered yet.
+        since = notifier.mark()
+        db.queued["a"] = 1
+        listener.on_queue("a")
+        assert await hold(notifier, db, "ag_1", ("a",), 60, since=since) is True
+        # Without the mark (a notification from before the attempt), nothing is re-checked.
+        assert await hold(notifier, db, "ag_2", ("a",), 0.3, since=notifier.mark()) is False
+        first.cancel()
+        await notifier.aclose()
+
+    asyncio.run(main())
 
 
 def test_one_notification_for_several_jobs_wakes_as_many_waiters(monkeypatch):

@@ -18,7 +18,12 @@ from executor_plugin.gateway import notify, pg_listen
 from executor_plugin.gateway.job_channel import CHANNEL
 from executor_plugin.gateway.notify import LeaseNotifier
 from executor_plugin.gateway.pg_listen import QueueListener, connect_kwargs_for
-from executor_plugin.gateway.wait_probe import Snapshot, holder_views, queued_work
+from executor_plugin.gateway.wait_probe import (
+    Snapshot,
+    holder_views,
+    queued_work,
+    snapshot,
+)
 from executor_plugin.models import metadata
 
 WAIT = 60.0  # generous: the machine is shared; nothing below asserts on durations
@@ -108,10 +113,7 @@ def test_listener_hears_notifications_and_reconnects_after_losing_its_connection
 def _probe_for(engine: Engine):
     def probe(agent_ids: Sequence[str] | None, work: bool) -> Snapshot:
         with Session(engine) as s:
-            return Snapshot(
-                work=queued_work(s) if work else None,
-                holders=holder_views(s, agent_ids) if agent_ids is not None else None,
-            )
+            return snapshot(s, agent_ids, work)
 
     return probe
 
@@ -134,14 +136,21 @@ def test_an_enqueue_wakes_the_waiting_poll_of_its_queue_without_polling(engine, 
         with Session(engine) as s:
             a, b = _agent(s, "a", ["qa"]), _agent(s, "b", ["qb"])
 
+        up = asyncio.Event()
+
         def listener_factory(on_queue, on_listening):
-            return QueueListener(kwargs, on_queue, on_listening, where="test")
+            def listening(state: bool) -> None:
+                on_listening(state)
+                if state:
+                    up.set()
+
+            return QueueListener(kwargs, on_queue, listening, where="test")
 
         notifier = LeaseNotifier(poll_interval=300.0, probe=_probe_for(engine), listener=listener_factory)
         wait_a = asyncio.ensure_future(notifier.wait(a.id, ("qa",), WAIT))
         wait_b = asyncio.ensure_future(notifier.wait(b.id, ("qb",), 3.0))
-        while not notifier.listening:
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(up.wait(), WAIT)
+        assert notifier.listening
 
         session = Session(engine)
         await asyncio.to_thread(_enqueue, session, "qa", "t1")

@@ -119,24 +119,23 @@ class _Attempt:
     queues: tuple[str, ...] = ()
 
 
-def _attempt(
-    session: Session, known: store.Agent | None, agent_id: str, lease: bool, lease_ttl: timedelta
-) -> _Attempt:
-    """One database session: re-read the agent, then try to lease (when it has a free slot).
+def _attempt(session: Session, agent: store.Agent, reread: bool, lease: bool, lease_ttl: timedelta) -> _Attempt:
+    """One database session: try to lease (when the agent has a free slot), else re-read the agent.
 
-    ``known``: the agent as the request's authentication read it an instant ago, so the first
-    attempt skips reading it again (``lease_next`` re-reads it anyway before leasing: a revocation
-    in between still leases nothing, and the notifier's agent check then ends the poll).
+    ``agent``: as the request's authentication read it. ``lease_next`` reads the agent's row as
+    stored now before leasing (a revocation or drain since leases nothing), so the row is read here
+    only when nothing was leased, to tell why and what to wait on; and not at all when ``reread`` is
+    false (the first attempt, an instant after authentication: a revocation in between leases
+    nothing, and the notifier's agent check then ends the poll).
     """
-    agent = known or store.get_agent(session, agent_id)
-    if agent is None or agent.state != AgentStatus.ACTIVE:
-        return _Attempt(agent=agent)
     if lease:
         job = store.lease_next(session, agent, lease_ttl=lease_ttl)
         if job is not None:
             return _Attempt(agent=agent, job=job, log_policy=log_policy(store.get_queue_policy(session, job.queue)))
-        return _Attempt(agent=agent, queues=store.eligible_queues(session, agent))
-    return _Attempt(agent=agent)
+    current = store.get_agent(session, agent.id) if reread else agent
+    if current is None or current.state != AgentStatus.ACTIVE or not lease:
+        return _Attempt(agent=current)
+    return _Attempt(agent=current, queues=store.eligible_queues(session, current))
 
 
 async def _wait(
@@ -173,12 +172,12 @@ async def lease(body: LeaseRequest, request: Request, agent: store.Agent = Depen
     deadline = loop.time() + min(body.wait_seconds, MAX_LEASE_WAIT_SECONDS)
     disconnected = asyncio.ensure_future(_until_disconnect(request))
     leasing = body.free_slots > 0
-    known: store.Agent | None = agent
+    reread = False
     try:
         while True:
             since = state.notifier.mark()
-            attempt = await db(_attempt, known, agent.id, leasing, state.settings.lease_ttl)
-            known = None  # every later attempt follows a wait: read the agent afresh
+            attempt = await db(_attempt, agent, reread, leasing, state.settings.lease_ttl)
+            reread = True  # every later attempt follows a wait: read the agent afresh
             if attempt.agent is None or attempt.agent.state == AgentStatus.REVOKED:
                 raise HTTPException(403, f"agent {agent.id} is revoked")
             if attempt.agent.state != AgentStatus.ACTIVE:
