@@ -3,7 +3,7 @@
 One :class:`HostedPg` owns one ``AIRFLOW_HOME`` (a temp dir) and the environment every hosted
 command of that deployment shares: the database URL (psycopg 3, sync and async), one JWT secret
 (gateways sign workload tokens with it, so every gateway must have the same one), the log folder.
-It runs one-shot ``airflow`` commands (``db migrate``, ``edge-agents ca init``, ``token create``)
+It runs one-shot ``airflow`` commands (``db migrate``, ``edge-agents ca init``)
 and starts ``airflow edge-agents gateway`` processes on free loopback ports.
 
 Each gateway is the leader of its own process group and gets SIGTERM if this process dies
@@ -15,11 +15,8 @@ on, not polled.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import make_url
 
-from localstack import StackError, _json_from_output, free_port, tail
+from localstack import Component, StackError, _clean_env, _die_with_parent, _json_from_output, free_port, tail
 
 AIRFLOW = Path(sys.executable).parent / "airflow"
 CLI_TIMEOUT = 300.0
@@ -45,13 +42,10 @@ class HostedError(AssertionError):
 
 
 @dataclass
-class Gateway:
-    """One ``airflow edge-agents gateway`` process."""
+class Gateway(Component):
+    """One ``airflow edge-agents gateway`` process (a :class:`localstack.Component`: same stop)."""
 
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
+    port: int = 0
     listening: threading.Event = field(default_factory=threading.Event)
     pump: threading.Thread | None = None
 
@@ -60,7 +54,7 @@ class Gateway:
         return f"https://127.0.0.1:{self.port}"
 
     def log_tail(self, lines: int = 60) -> str:
-        state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+        state = "running" if self.alive else f"exited {self.proc.returncode}"
         return f"--- gateway {self.name} ({state}) {self.log_path} ---\n{tail(self.log_path, lines)}"
 
     def statuses(self) -> dict[str, list[int]]:
@@ -71,19 +65,9 @@ class Gateway:
             out.setdefault(match.group(2), []).append(int(match.group(3)))
         return out
 
-    def stop(self) -> int | None:
-        """SIGTERM and wait; SIGKILL the group only if it hangs. Returns the exit code."""
-        if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(GATEWAY_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(self.proc.pid, signal.SIGKILL)  # anything it left behind in its group
-        try:
-            code = self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            code = None
+    def stop(self, grace: float = GATEWAY_STOP_TIMEOUT) -> int | None:
+        """SIGTERM the group, SIGKILL what is left after ``grace``; the exit code. Joins the log pump."""
+        code = super().stop(grace)
         if self.pump is not None:
             self.pump.join(10)
         return code
@@ -98,17 +82,18 @@ class HostedPg:
         self.logs.mkdir(parents=True, exist_ok=True)
         async_url = make_url(db_url).set(drivername="postgresql+psycopg_async").render_as_string(hide_password=False)
         # Nothing inherited from the developer's shell may point a command at another database.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-        self.env.update(
-            AIRFLOW_HOME=str(home),
-            AIRFLOW__CORE__LOAD_EXAMPLES="False",
-            AIRFLOW__CORE__EXECUTOR="executor_plugin.EdgeAgentExecutor",
-            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=db_url,
-            # Left unset, Airflow derives postgresql+asyncpg:// and fails without asyncpg.
-            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC=async_url,
-            AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(64),
-            AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(home / "task-logs"),
-            PYTHONUNBUFFERED="1",
+        self.env = _clean_env(
+            {
+                "AIRFLOW_HOME": str(home),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__EXECUTOR": "executor_plugin.EdgeAgentExecutor",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
+                # Left unset, Airflow derives postgresql+asyncpg:// and fails without asyncpg.
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": async_url,
+                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
+                "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "task-logs"),
+                "PYTHONUNBUFFERED": "1",
+            }
         )
         self.gateways: list[Gateway] = []
 
@@ -190,22 +175,6 @@ def _pump(gateway: Gateway) -> None:
                 gateway.listening.set()
     gateway.proc.stdout.close()
     gateway.listening.set()  # ended: wake the waiter, which then sees the exit
-
-
-def _die_with_parent() -> None:
-    # In the child before exec: SIGTERM when the test process dies, even by SIGKILL (Linux), so a
-    # killed run does not leave a gateway behind holding its port and database connections.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 __all__ = ["ACCESS_LINE", "Gateway", "HostedError", "HostedPg"]

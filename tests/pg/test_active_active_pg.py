@@ -1,9 +1,11 @@
 """Active/active: two gateway processes on one PostgreSQL, many agents leasing at once, each job leased once.
 
 Real parts throughout: a PostgreSQL cluster (``scripts/pgcluster.py``), ``airflow db migrate`` on it,
-``airflow edge-agents ca init`` and ``token create``, two ``airflow edge-agents gateway`` processes
-on two loopback ports sharing the database and the CA, and agents registered through the project's
-own client (:func:`edge_agent.identity.enroll.register`: pin check, local key, CSR) with real tokens.
+``airflow edge-agents ca init``, two ``airflow edge-agents gateway`` processes on two loopback ports
+sharing the database and the CA, and agents registered through the project's own client
+(:func:`edge_agent.identity.enroll.register`: pin check, local key, CSR) with real tokens, minted
+through the store as ``airflow edge-agents token create`` does (that command has its own tests in
+``tests/unit/test_admin_cli.py``; here it would only add three Airflow start-ups).
 Each agent then long-polls through its own mTLS client (:class:`edge_agent.client.AgentAPI`), even
 agents on gateway A and odd ones on gateway B, and reports every job it leases RUNNING then
 SUCCESS, as ``edge-agent run`` would (the task itself is not run: leasing is what is under test).
@@ -30,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -41,7 +44,7 @@ from edge_agent.client import AgentAPI
 from edge_agent.errors import EdgeAgentError
 from edge_agent.identity.enroll import register
 from edge_agent.identity.keystore import Keystore, StoredIdentity
-from edge_agent.protocol import JobReport, JobState
+from edge_agent.protocol import JobReport, JobState, RegistrationToken
 from edge_agent.transport import build_client
 from executor_plugin import store
 from executor_plugin.gateway.server import ServerCertificate, gateway_hosts
@@ -92,23 +95,14 @@ def deployment(pg_new_database: Callable[[str], str], tmp_path_factory: pytest.T
     try:
         hosted.airflow("db", "migrate")
         ca_dir = Path(hosted.airflow_json("edge-agents", "ca", "init", "--json")["ca_dir"])
+        ca = CertificateAuthority.load(ca_dir)
         # Two gateways starting at once on a fresh CA directory would both issue the shared server
         # certificate in <ca_dir>/gateway/, and one could load the other's key between the two
         # writes. Issue it once first, with the gateway's own code, as a first start would.
-        ServerCertificate(CertificateAuthority.load(ca_dir), gateway_hosts("127.0.0.1")).ensure()
-        # Both gateways and the token commands start together: each is an Airflow start-up.
-        # Gateways are started from this thread (their death signal follows the forking thread).
-        with ThreadPoolExecutor(len(GROUPS)) as pool:
-            minting = [
-                pool.submit(
-                    hosted.airflow_json, "edge-agents", "token", "create", *(a for q in queues for a in ("--queue", q)),
-                    "--region", REGION, "--ttl", "15m", "--uses", str(N_AGENTS), "--json",
-                )
-                for queues in GROUPS
-            ]
-            gateways = hosted.start_gateways("a", "b")
-            tokens = [str(f.result()["token"]) for f in minting]
-        agents = _register_agents(hosted, gateways, tokens)
+        ServerCertificate(ca, gateway_hosts("127.0.0.1")).ensure()
+        # From this thread: a gateway's death signal follows the thread that forked it.
+        gateways = hosted.start_gateways("a", "b")
+        agents = _register_agents(hosted, gateways, _mint_tokens(engine, ca))
         ready = True
     except Exception as exc:
         raise AssertionError(f"setting up the active/active deployment failed: {exc}\n{hosted.log_tails()}") from exc
@@ -123,6 +117,20 @@ def deployment(pg_new_database: Callable[[str], str], tmp_path_factory: pytest.T
         engine.dispose()
     # A gateway that does not exit cleanly on SIGTERM is a finding of its own.
     assert all(code == 0 for code in codes.values()), f"gateway exit codes {codes}\n{hosted.log_tails()}"
+
+
+def _mint_tokens(engine: Engine, ca: CertificateAuthority) -> list[str]:
+    """One registration token per group, ``N_AGENTS`` uses each, as ``token create`` mints them."""
+    tokens = []
+    with Session(engine) as session, session.begin():
+        for queues in GROUPS:
+            token = RegistrationToken.mint(ca.pin)
+            store.create_token(
+                session, token_id=token.token_id, secret_hash=store.hash_secret(token.secret), queues=queues,
+                region=REGION, name=None, ttl=timedelta(minutes=15), max_uses=N_AGENTS,
+            )
+            tokens.append(str(token))
+    return tokens
 
 
 def _register_agents(hosted: HostedPg, gateways: list[Gateway], tokens: list[str]) -> list[Agent]:
