@@ -14,23 +14,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+# The agent's own map of the process table (parent pid -> its children), the one kill_tree walks.
+from edge_agent.runtime import _process_children as _children_map
+
 _TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # Field 2 (comm) may contain spaces and parentheses: parse after the last ')'.
-        rest = stat[stat.rfind(b")") + 2 :].split()
-        children.setdefault(int(rest[1]), []).append(int(name))
-    return children
 
 
 def tree_pids(root: int) -> list[int]:

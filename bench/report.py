@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import EXECUTOR_NAMES, EXECUTORS, Record, summarise
+from edge_agent.fsutil import atomic_write
 
 BEGIN = "<!-- bench:generated:begin (bench/run.py rewrites this block) -->"
 END = "<!-- bench:generated:end -->"
@@ -231,10 +232,7 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
+    atomic_write(path, (json.dumps(report, indent=2, default=str) + "\n").encode(), 0o644)
 
 
 def charts(report: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -353,9 +351,7 @@ def update_doc(doc_path: Path, generated: str) -> None:
             text = text.rstrip() + "\n\n" + block + "\n"
     else:
         text = f"# Benchmarks\n\n{block}\n"
-    tmp = doc_path.with_name(f".{doc_path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc_path)
+    atomic_write(doc_path, text.encode(), 0o644)
 
 
 __all__ = [

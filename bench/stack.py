@@ -60,7 +60,6 @@ class BenchStack(LocalStack):
         self.scheduler_parallelism = scheduler_parallelism or concurrency
         self.dag_env = dict(dag_env or {})
         self.edge3_worker: Component | None = None
-        self._stop_lock = threading.Lock()
 
     # ---- configuration --------------------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 
 :class:`Chaos` wraps a started :class:`chaos_stack.ChaosStack` for one test. A test triggers a
 fresh run (:meth:`Chaos.trigger`), waits until the agent it will hurt is busy
-(:meth:`Chaos.wait_busy`), injects its fault, starts :class:`Stopwatch` es for the figures, waits for
-the run to end (:meth:`Chaos.finish`) and hands the evidence to :meth:`Chaos.conclude`, which
-writes ``build/chaos/<test>.json`` (also when the test fails) and fails the test with every witness
-about the tries in question, the run's state counts, the job rows and the tail of every log.
+(:meth:`Chaos.wait_busy`), injects its fault, starts :class:`Stopwatch` es for the figures and ends
+with :meth:`Chaos.conclude`, which waits for the run to end (:meth:`Chaos.finish`), judges it against
+the tries the fault may cost, writes ``build/chaos/<test>.json`` (also when the test fails) and fails
+the test with every witness about the tries in question, the run's state counts, the job rows and
+the tail of every log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -41,6 +42,8 @@ from chaos_verdict import (
     ledger_key,
 )
 from localstack import StackError
+
+from edge_agent.fsutil import atomic_write
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES_DIR = ROOT / "build" / "chaos"
@@ -224,7 +227,7 @@ class Chaos:
 
     def offline_in_list(self, agent_id: str) -> object:
         """True once ``airflow edge-agents list --json`` shows the agent offline; MISSING without the fields."""
-        rows = self.stack.list_agents_json()
+        rows = self.stack.list_agents()
         row = next((r for r in rows if r.get("id") == agent_id), None)
         if row is None:
             raise RuntimeError(f"agent {agent_id} is not in 'airflow edge-agents list --json'")
@@ -306,8 +309,11 @@ class Chaos:
         except StackError as exc:
             self.notes.append(f"not settled after the run: {str(exc).splitlines()[0]}")
 
-    def conclude(self, ev: Evidence, expect: Expectation) -> Verdict:
-        """Judge, write the figures, fail the test (with the evidence) if anything is wrong."""
+    def conclude(self, may_fail: Iterable[TryKey] = ()) -> Verdict:
+        """Wait for the run's end (:meth:`finish`), judge it, write the figures, fail the test (with the
+        evidence) if anything is wrong. ``may_fail``: the tries the fault may cost (no other may fail)."""
+        ev = self.finish()
+        expect = Expectation(may_fail=frozenset(may_fail), retries=RETRIES)
         self.close()
         verdict = judge(ev, expect)
         verdict.problems += self.extra_problems
@@ -321,7 +327,6 @@ class Chaos:
         return verdict
 
     def _write(self, ev: Evidence, verdict: Verdict, expect: Expectation) -> None:
-        FIGURES_DIR.mkdir(parents=True, exist_ok=True)
         counts = verdict.counts
         data = {
             "test": self.test,
@@ -356,10 +361,8 @@ class Chaos:
                 "cpus": os.cpu_count(),
             },
         }
-        path = FIGURES_DIR / f"{self.test}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps(data, indent=2, default=str) + "\n"
+        atomic_write(FIGURES_DIR / f"{self.test}.json", text.encode(), 0o644)
 
     def close(self) -> None:
         """Stop every watch still running (a test that broke off left them polling)."""
@@ -374,7 +377,7 @@ class Chaos:
         if self.figures:
             parts.append("--- figures ---\n" + json.dumps(self.figures, default=str))
         parts.append(self.summary(ev))
-        parts.append(self.stack.describe(None))
+        parts.append(self.stack.describe())
         pytest.fail("\n".join(parts), pytrace=False)
 
     def summary(self, ev: Evidence | None) -> str:

@@ -23,7 +23,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -301,10 +301,6 @@ class ChaosStack(BenchStack):
                 rows.append(row)
         return rows
 
-    def list_agents_json(self) -> list[dict[str, Any]]:
-        """``airflow edge-agents list --json`` (a CLI call: several seconds on this box)."""
-        return self.list_agents()
-
     # ---- the database ---------------------------------------------------------------------------
 
     def _two_schedulers(self) -> bool | None:
@@ -387,11 +383,9 @@ class ChaosStack(BenchStack):
             self.set_run_state(DAG_ID, run_id, "failed")
         return left
 
-    def describe(self, run_id: str | None) -> str:
-        """The run's TIs, job rows and every log tail: what a failure message carries."""
+    def describe(self) -> str:
+        """The agents' status files and every log tail, for a failure message (the harness adds the run)."""
         parts = []
-        if run_id:
-            parts.append(self.describe_run(DAG_ID, run_id))
         for agent in self.agents:
             parts.append(f"--- status file of {agent.name} ---\n{json.dumps(self.agent_status(agent), indent=1)}")
         parts.append(self.log_tails(60))
@@ -400,29 +394,6 @@ class ChaosStack(BenchStack):
     def agent_jobs(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         # describe_run's job listing: ours has the exit code and fencing too.
         return self.job_rows(run_id)
-
-    def scheduler_log_lines(self, needle: str, since_bytes: Mapping[str, int] | None = None) -> list[str]:
-        """Lines containing ``needle`` in both schedulers' logs (after the given byte offsets)."""
-        found = []
-        for name in ("scheduler", "scheduler-2"):
-            path = self.logs_dir / f"{name}.log"
-            try:
-                with path.open("rb") as handle:
-                    handle.seek((since_bytes or {}).get(name, 0))
-                    data = handle.read().decode("utf-8", "replace")
-            except FileNotFoundError:
-                continue
-            found += [f"{name}: {line}" for line in data.splitlines() if needle in line]
-        return found
-
-    def log_sizes(self) -> dict[str, int]:
-        sizes = {}
-        for comp in [*self.components, *self.agents]:
-            try:
-                sizes[comp.name] = comp.log_path.stat().st_size
-            except FileNotFoundError:
-                sizes[comp.name] = 0
-        return sizes
 
 
 def ensure_stopped(comp: Component, *, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:

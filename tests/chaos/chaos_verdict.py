@@ -252,7 +252,7 @@ def _agrees(job_state: str, try_state: str | None) -> bool:
     """A job row's terminal state says the same as Airflow's state of its try."""
     if job_state == "success":
         return try_state == "success"
-    return try_state in FAILED_TRY_STATES or try_state == "failed"
+    return try_state in FAILED_TRY_STATES
 
 
 def _check_jobs(ev: EvidenceLike, tries: dict[TryKey, str | None], v: Verdict) -> None:

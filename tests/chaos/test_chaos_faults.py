@@ -28,7 +28,7 @@ from chaos_stack import (
     ensure_stopped,
     utcnow,
 )
-from chaos_verdict import Expectation, TryKey
+from chaos_verdict import TryKey
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
@@ -109,7 +109,7 @@ def test_gateway_kill(chaos: Chaos) -> None:
             f"the outage ({chaos.figures['gateway_outage_s']:.0f} s) exceeded Airflow's task heartbeat timeout "
             f"({TASK_HEARTBEAT_TIMEOUT} s) less {HEARTBEAT_SLACK:.0f} s: agent A's running tries may fail"
         )
-    chaos.conclude(chaos.finish(), Expectation(may_fail=frozenset(may_fail)))
+    chaos.conclude(may_fail)
 
 
 @pytest.mark.chaos_fault(
@@ -160,7 +160,7 @@ def test_agent_kill(chaos: Chaos) -> None:
     if retried is not None:
         chaos.record("killed_tries_retried_s", retried, RETRY_WATCH)
 
-    chaos.conclude(chaos.finish(), Expectation(may_fail=frozenset(may_fail)))
+    chaos.conclude(may_fail)
 
 
 @pytest.mark.chaos_fault(
@@ -228,7 +228,7 @@ def test_partition(chaos: Chaos) -> None:
     chaos.record("spool_drained_s", drained, RECOVERY_WATCH)
     chaos.record("heal_lease_s", lease, RECOVERY_WATCH)
 
-    chaos.conclude(chaos.finish(), Expectation(may_fail=frozenset(may_fail)))
+    chaos.conclude(may_fail)
 
 
 @pytest.mark.chaos_fault(
@@ -250,7 +250,7 @@ def test_scheduler_restart(chaos: Chaos) -> None:
     stack.wait_until("the restarted scheduler to heartbeat", lambda: stack.scheduler_started_since(since), 180.0)
     chaos.figures["scheduler_back_s"] = round(time.monotonic() - t_start, 2)
 
-    chaos.conclude(chaos.finish(), Expectation())
+    chaos.conclude()
 
 
 @pytest.mark.chaos_fault(
@@ -287,4 +287,4 @@ def test_drain(chaos: Chaos) -> None:
     stack.restart_agent(AGENT_B)
     chaos.figures["restart_s"] = round(time.monotonic() - t_restart, 2)
 
-    chaos.conclude(chaos.finish(), Expectation())
+    chaos.conclude()

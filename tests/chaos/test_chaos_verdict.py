@@ -225,6 +225,6 @@ def test_stopwatch_measures_until_the_condition_holds() -> None:
     assert never.wait(30) is None
 
 
-@pytest.mark.parametrize("value", [None, 3, 2.5])
-def test_report_numbers(value: Any) -> None:
-    assert report._num(value) in ("–", "3", "2.5")
+@pytest.mark.parametrize(("value", "text"), [(None, "–"), (3, "3"), (2.5, "2.5")])
+def test_report_numbers(value: Any, text: str) -> None:
+    assert report._num(value) == text
