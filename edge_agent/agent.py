@@ -10,8 +10,8 @@ Threads (each loop in its own module, one cadence each)::
     (runtime)    the runtime's reader thread calls _on_started/_on_exited
 
 Every lease is judged by the local policy (``policy.decide``) before anything reaches the runtime;
-the decision, every job's start (with the supervisor's pid) and every job's end go to the audit log
-(``audit.py``). A refused job holds its slot only until its REFUSED report is delivered.
+the decision, every job's start (with the supervisor's pid), Airflow's acceptance of its ``/run``
+(seen in the forwarder) and every job's end go to the audit log (``audit.py``). A refused job holds its slot only until its REFUSED report is delivered.
 
 Everything still to tell the gateway about a job is kept in the disk spool (``spool.py``), written
 at each transition here and at each acknowledged log chunk by the log shipper; the spool is
@@ -54,7 +54,7 @@ from edge_agent.observability.endpoint import Check
 from edge_agent.observability.metrics import Metrics
 from edge_agent.observability.status import StatusBoard
 from edge_agent.policy import Decision, Policy, facts
-from edge_agent.protocol import Lease, LogPolicy, RunningJob
+from edge_agent.protocol import RUN_PATH, Lease, LogPolicy, RunningJob
 from edge_agent.runtime import EXIT_RUNTIME_LOST
 from edge_agent.sdnotify import Notifier, Watchdog
 from edge_agent.spool import Spool, SpoolEntry
@@ -431,6 +431,31 @@ class Agent:
             log.error("job %s started but its start could not be recorded: %s", job_id, exc)
         self.publish()
 
+    def _relay(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """The forwarder's upstream call; records in the audit log when Airflow accepts a try's ``/run``."""
+        status, out, content = self.api.execution_request(method, path, headers, body)
+        if method == "PATCH" and 200 <= status < 300:
+            match = RUN_PATH.fullmatch(path)
+            if match is not None:
+                self._on_run(match.group(1))
+        return status, out, content
+
+    def _on_run(self, ti_id: str) -> None:
+        """Airflow moved the try to running for this agent: from here on the task code runs.
+
+        ``start`` says a supervisor was forked; a try whose job was requeued meanwhile (this agent
+        was cut off) never gets past Airflow's ``/run``, so ``run`` is what says the task ran here.
+        """
+        with self.cond:
+            rec = next((r for r in self.jobs.records() if r.lease.ti_id == ti_id.lower()), None)
+        if rec is None:
+            log.warning("Airflow accepted /run of task instance %s, which no job of this agent runs", ti_id)
+            return
+        try:
+            self._audit("run", rec.lease)
+        except AuditError as exc:
+            log.error("job %s: its run could not be recorded: %s", rec.job_id, exc)
+
     def _on_exited(self, job_id: str, exit_code: int, reason: str | None) -> None:
         with self.cond:
             rec = self.jobs.get(job_id)
@@ -652,7 +677,7 @@ class Agent:
                 tmp_dir = tempfile.mkdtemp(prefix="edge-agent-")  # 0700
                 sock_dir = Path(tmp_dir)
             self.socket_path = sock_dir / "forwarder.sock"
-            forwarder = self._forwarder_factory(self.socket_path, self.api.execution_request)
+            forwarder = self._forwarder_factory(self.socket_path, self._relay)
             self._start_forwarder(forwarder)
 
             self.status.activity("agent", "starting the task runtime")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 import secrets
 import zlib
 from urllib.parse import unquote, urlsplit
@@ -31,6 +32,8 @@ RENEW_PATH = f"{API_PREFIX}/renew"
 #: DELETE: the agent removes itself (``edge-agent unregister``).
 SELF_PATH = f"{API_PREFIX}/self"
 EXECUTION_PREFIX = "/execution/"
+#: ``PATCH`` here moves a try to running (Airflow's ``ti_run``); group 1 is the task instance id.
+RUN_PATH = re.compile(r"/execution/task-instances/([^/?]+)/run(?:\?.*)?")
 
 
 def execution_target_refusal(target: str) -> str | None:
@@ -220,6 +223,13 @@ class Lease(_Model):
     lease_expires_at: datetime
     #: From the queue's policy on the server: whether the agent may ship this task's log.
     log_policy: LogPolicy = LogPolicy.HOSTED
+
+    @property
+    def ti_id(self) -> str | None:
+        """The task instance's id in the workload (the one Execution API paths name), if it has one."""
+        ti = self.workload.get("ti") if isinstance(self.workload, dict) else None
+        value = ti.get("id") if isinstance(ti, dict) else None
+        return str(value).lower() if value is not None else None
 
 
 class LeaseResponse(_Model):

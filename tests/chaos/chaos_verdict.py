@@ -5,7 +5,7 @@ with made-up evidence (``test_chaos_verdict.py``). Three independent witnesses a
 
 * Airflow: ``task_instance`` (the last try) and ``task_instance_history`` (earlier tries);
 * the task code itself: the DAG's ledger, one ``start`` and one ``end`` line per try that ran;
-* the agents' audit logs (``decision``, ``start``, ``finish`` entries) and our ``edge_agent_job`` rows.
+* the agents' audit logs (``decision``, ``start``, ``run``, ``finish`` entries) and our ``edge_agent_job`` rows.
 
 A try is keyed ``(task_id, map_index, try_number)`` (one DAG run at a time).
 """
@@ -223,24 +223,36 @@ def _audit_events(ev: EvidenceLike, event: str) -> list[tuple[str, TryKey, dict[
 
 
 def _check_audit(ev: EvidenceLike, v: Verdict) -> None:
+    """A ``run`` entry (Airflow accepted the try's ``/run`` from this agent) is what says a try ran.
+
+    ``start`` only says a supervisor was forked: an agent cut off after forking sees its job
+    requeued, and its supervisor never gets past ``/run``, so two ``start`` of a try are allowed
+    and counted, two ``run`` are a duplicate.
+    """
     starts = _audit_events(ev, "start")
-    per_try = Counter(key for _, key, _ in starts)
+    runs = _audit_events(ev, "run")
+    per_try = Counter(key for _, key, _ in runs)
     twice = [k for k, n in per_try.items() if n > 1]
     if twice:
-        agents = {k: sorted(a for a, key, _ in starts if key == k) for k in twice}
-        v.add(f"the agents' audit logs record more than one start of a try (agents: "
+        agents = {k: sorted(a for a, key, _ in runs if key == k) for k in twice}
+        v.add(f"the agents' audit logs record more than one run of a try (agents: "
               f"{dict([(fmt(k), a) for k, a in agents.items()][:EXAMPLES])})", twice)
     ledger_starts = {(ledger_key(r), r.get("agent")) for r in ev.ledger if r["ev"] == "start"}
-    audited = {(key, agent) for agent, key, _ in starts}
-    if not starts and ledger_starts:
-        v.add("no agent audit log has a 'start' event: the audit cannot show which tries ran "
+    audited = {(key, agent) for agent, key, _ in runs}
+    if not runs and ledger_starts:
+        v.add("no agent audit log has a 'run' event: the audit cannot show which tries ran "
               f"({len(ledger_starts)} tries ran per the ledger)")
     else:
         missing = [key for key, agent in ledger_starts if (key, agent) not in audited]
         if missing:
-            v.add("tries that ran (ledger) without a 'start' event in the audit log of the agent that ran them",
+            v.add("tries that ran (ledger) without a 'run' event in the audit log of the agent that ran them",
                   missing)
-    v.counts.update(audit_starts=len(starts), audit_duplicates=len(twice))
+        started = {(key, agent) for agent, key, _ in starts}
+        unstarted = [key for key, agent in audited if (key, agent) not in started]
+        if unstarted:
+            v.add("tries with a 'run' but no 'start' event in the same agent's audit log", unstarted)
+    v.counts.update(audit_starts=len(starts), audit_runs=len(runs),
+                    audit_starts_not_run=len(starts) - len(runs), audit_duplicates=len(twice))
 
 
 # -------------------------------------------------------------------------------------------------

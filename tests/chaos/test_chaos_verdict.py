@@ -50,6 +50,7 @@ class Ev:
         entries = self.audit[agent]
         entries.append({"event": "decision", "decision": "accepted", "job_id": job_id, "fencing": fencing, "ti": ti})
         entries.append({"event": "start", "job_id": job_id, "fencing": fencing, "ti": ti, "pid": 1})
+        entries.append({"event": "run", "job_id": job_id, "fencing": fencing, "ti": ti})
         if audit_finish:
             entries.append({"event": "finish", "job_id": job_id, "fencing": fencing, "ti": ti, "exit_code": exit_code})
         self.jobs.append({"id": job_id, "task_id": task, "map_index": -1, "try_number": try_number, "state": job_state,
@@ -98,24 +99,42 @@ def test_a_retry_the_fault_explains_is_fine_and_any_other_is_not() -> None:
 def test_a_try_started_twice_is_a_duplicate_in_the_ledger_and_the_audit() -> None:
     ev = healthy()
     ev.ledger.append({"ev": "start", "task": "t001", "map": -1, "try": 1, "agent": "chaos-b", "run": RUN})
-    ev.audit["chaos-b"].append({"event": "start", "job_id": "job-t001-1", "fencing": 2,
-                                "ti": {"task_id": "t001", "map_index": -1, "try_number": 1, "run_id": RUN}})
+    ti = {"task_id": "t001", "map_index": -1, "try_number": 1, "run_id": RUN}
+    ev.audit["chaos-b"].append({"event": "start", "job_id": "job-t001-1", "fencing": 2, "ti": ti})
+    ev.audit["chaos-b"].append({"event": "run", "job_id": "job-t001-1", "fencing": 2, "ti": ti})
     v = judge(ev, Expectation())
     assert any("started more than once (ledger)" in p for p in v.problems)
-    assert any("more than one start of a try" in p for p in v.problems)
+    assert any("more than one run of a try" in p for p in v.problems)
     assert duplicates(v) == 1
     assert ("t001", -1, 1) in v.suspects
     assert "ledger:" in explain(ev, v.suspects)
 
 
-def test_missing_audit_start_events_are_one_problem_not_hundreds() -> None:
+def test_missing_audit_run_events_are_one_problem_not_hundreds() -> None:
     ev = healthy()
     for agent in ev.audit:
-        ev.audit[agent] = [e for e in ev.audit[agent] if e["event"] != "start"]
+        ev.audit[agent] = [e for e in ev.audit[agent] if e["event"] != "run"]
     v = judge(ev, Expectation())
     assert [p for p in v.problems if "audit" in p] == [
-        "no agent audit log has a 'start' event: the audit cannot show which tries ran (4 tries ran per the ledger)"
+        "no agent audit log has a 'run' event: the audit cannot show which tries ran (4 tries ran per the ledger)"
     ]
+
+
+def test_a_supervisor_forked_on_a_cut_off_agent_is_not_a_duplicate_run() -> None:
+    # Agent A forked the supervisor of t001#1, then lost its lease (requeued); B ran the try.
+    ev = healthy()
+    ti = {"task_id": "t001", "map_index": -1, "try_number": 1, "run_id": RUN}
+    ev.audit["chaos-a"].append({"event": "start", "job_id": "job-t001-1", "fencing": 1, "ti": ti, "pid": 7})
+    v = judge(ev, Expectation())
+    assert v.problems == [] and duplicates(v) == 0
+    assert v.counts["audit_starts"] == 5 and v.counts["audit_runs"] == 4 and v.counts["audit_starts_not_run"] == 1
+
+
+def test_a_run_without_its_start_in_the_same_audit_log_is_a_problem() -> None:
+    ev = healthy()
+    ev.audit["chaos-a"] = [e for e in ev.audit["chaos-a"] if e["event"] != "start"]
+    v = judge(ev, Expectation())
+    assert any("'run' but no 'start'" in p for p in v.problems)
 
 
 def test_an_open_job_row_is_a_lost_report() -> None:

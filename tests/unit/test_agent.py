@@ -578,6 +578,27 @@ def audit_entries(h: Harness) -> list[dict]:
     return [json.loads(line) for line in (h.config.state_dir / "audit.log").read_text().splitlines()]
 
 
+def test_the_audit_log_records_a_run_only_when_airflow_accepts_the_try(harness) -> None:
+    h = harness().start()
+    h.gw.queue("J1")
+    h.gw.wait_for(lambda: h.gw.states("J1"), "the RUNNING report")
+    h.gw.status_for["/execution/task-instances/refused/run"] = 409
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(h.agent.socket_path)), base_url="http://fw") as c:
+        assert c.get("/execution/task-instances/j1/run").status_code == 200  # not a PATCH
+        assert c.patch("/execution/task-instances/refused/run", json={}).status_code == 409  # not accepted
+        assert c.patch("/execution/task-instances/other/run", json={}).status_code == 200  # not our try
+        assert c.patch("/execution/task-instances/j1/state", json={}).status_code == 200  # not /run
+        assert not [e for e in audit_entries(h) if e["event"] == "run"]
+        # The workload names the try "J1"; Airflow's ids are UUIDs, compared without case.
+        assert c.patch("/execution/task-instances/j1/run", json={}).status_code == 200
+    (run,) = [e for e in audit_entries(h) if e["event"] == "run"]
+    assert run["job_id"] == "J1" and run["fencing"] == 1 and run["ti"]["task_id"] == "task_J1"
+    h.rt.finish("J1", 0)
+    h.agent.stop_gracefully("test")
+    assert h.join() == {"code": 0}
+    assert [e["event"] for e in audit_entries(h) if e.get("job_id") == "J1"] == ["decision", "start", "run", "finish"]
+
+
 def test_refused_job_is_reported_with_its_reason_and_never_reaches_the_runtime(harness, tmp_path: Path) -> None:
     from edge_agent.audit import verify
     from edge_agent.policy import Policy
