@@ -428,7 +428,7 @@ class Agent:
         try:
             self._audit("start", rec.lease, pid=pid)
         except AuditError as exc:
-            log.error("job %s started but its start could not be recorded: %s", job_id, exc)
+            log.error("job %s started but its start could not be recorded: %s", job_id, exc, extra=job_fields(rec.lease))
         self.publish()
 
     def _relay(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -454,7 +454,7 @@ class Agent:
         try:
             self._audit("run", rec.lease)
         except AuditError as exc:
-            log.error("job %s: its run could not be recorded: %s", rec.job_id, exc)
+            log.error("job %s: its run could not be recorded: %s", rec.job_id, exc, extra=job_fields(rec.lease))
 
     def _on_exited(self, job_id: str, exit_code: int, reason: str | None) -> None:
         with self.cond:
@@ -476,7 +476,8 @@ class Agent:
         try:
             self._audit("finish", rec.lease, exit_code=exit_code, reason=reason, lost=lost or None)
         except AuditError as exc:
-            log.error("job %s finished but its end could not be recorded: %s", job_id, exc)
+            log.error("job %s finished but its end could not be recorded: %s", job_id, exc,
+                      extra=job_fields(rec.lease))
         self.publish()
 
     # -- the spool ---------------------------------------------------------------------------------
@@ -521,13 +522,15 @@ class Agent:
                 try:
                     self._audit("finish", rec.lease, exit_code=rec.exit_code, reason=rec.reason, replayed=True)
                 except AuditError as exc:
-                    log.error("job %s: its end could not be recorded: %s", rec.job_id, exc)
+                    log.error("job %s: its end could not be recorded: %s", rec.job_id, exc,
+                              extra=job_fields(rec.lease))
                 self.jobs.add_replayed(rec)
                 self.spool_save(rec)
             else:
                 self.jobs.add_replayed(rec)
             log.info("job %s (%s.%s run %s try %d) from the spool: to deliver: %s", rec.job_id, entry.dag_id,
-                     entry.task_id, entry.run_id, entry.try_number, ", ".join(entry.pending()) or "nothing")
+                     entry.task_id, entry.run_id, entry.try_number, ", ".join(entry.pending()) or "nothing",
+                     extra=job_fields(rec.lease))
         if loaded:
             with self.cond:
                 self.replay_pending = True
@@ -559,7 +562,8 @@ class Agent:
         """
         refused = None if decision.accepted else decision.reason
         if not self.jobs.add(lease, refused=refused):
-            log.warning("lease of job %s arrived while stopping; the gateway will requeue it", lease.job_id)
+            log.warning("lease of job %s arrived while stopping; the gateway will requeue it", lease.job_id,
+                        extra=job_fields(lease))
             return False
         try:
             self._audit("decision", lease, decision="accepted" if decision.accepted else "refused",
@@ -573,7 +577,7 @@ class Agent:
                     self.cond.notify_all()
             if rec is not None:
                 self.spool_save(rec)
-            log.error("job %s refused: %s", lease.job_id, exc)
+            log.error("job %s refused: %s", lease.job_id, exc, extra=job_fields(lease))
             self.drain_and_fail(exc)
             return False
         if refused is not None:
@@ -609,13 +613,13 @@ class Agent:
                 forget.append((job_id, rec.lease.fencing))
                 self.jobs.dirty = True
                 if not rec.exited:
-                    to_cancel.append(job_id)
+                    to_cancel.append(rec)
             self.cond.notify_all()
         for job_id, fencing in forget:
             self.spool.delete(job_id, fencing)  # nothing about it will be delivered
-        for job_id in to_cancel:
-            log.warning("job %s lost (%s): cancelling it", job_id, why)
-            self._cancel(job_id, f"lease lost: {why}")
+        for rec in to_cancel:
+            log.warning("job %s lost (%s): cancelling it", rec.job_id, why, extra=job_fields(rec.lease))
+            self._cancel(rec.job_id, f"lease lost: {why}")
         self.publish()
 
     def job_done(self, rec: JobRecord) -> None:
@@ -632,7 +636,9 @@ class Agent:
         try:
             runtime.cancel(job_id, reason, grace=self.config.cancel_grace)
         except Exception as exc:  # the runtime may already be gone; the job then exits on its own
-            log.warning("could not cancel job %s: %s", job_id, exc)
+            rec = self.jobs.get(job_id)
+            log.warning("could not cancel job %s: %s", job_id, exc,
+                        extra=job_fields(rec.lease) if rec is not None else {"job_id": job_id})
 
     def publish(self) -> None:
         """Push the current jobs/slots/phase to the status board (never call with the condition held)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from edge_agent.backoff import Backoff
 from edge_agent.errors import CertificateExpired, EdgeAgentError, IdentityRejected, RuntimeUnavailable
+from edge_agent.observability import job_fields
 from edge_agent.policy import decide
 from edge_agent.protocol import Lease
 
@@ -87,7 +88,7 @@ class LeaseLoop:
     def _start(self, lease: Lease) -> None:
         a = self.agent
         log.info("leased job %s: %s.%s run %s try %d (fencing %d)", lease.job_id, lease.dag_id,
-                 lease.task_id, lease.run_id, lease.try_number, lease.fencing)
+                 lease.task_id, lease.run_id, lease.try_number, lease.fencing, extra=job_fields(lease))
         # Decided here, before the runtime sees anything of the job.
         if not a.admit(lease, decide(a.policy, lease)):
             return

@@ -45,6 +45,7 @@ from edge_agent.errors import (
     RequestRejected,
     StaleLease,
 )
+from edge_agent.observability import job_fields
 from edge_agent.protocol import MAX_LOG_CHUNK_BYTES, JobReport, JobState, LogChunk, LogPolicy
 from edge_agent.runtime import EXIT_DUPLICATE
 
@@ -112,7 +113,8 @@ class LogShipper:
                 a.fail(exc)
                 return False
             except StaleLease as exc:
-                log.warning("job %s is not this agent's any more (%s): dropping its reports", rec.job_id, exc)
+                log.warning("job %s is not this agent's any more (%s): dropping its reports", rec.job_id, exc,
+                            extra=job_fields(rec.lease))
                 a.jobs_lost([rec], str(exc))
                 with a.cond:
                     a.jobs.dirty = True  # come back to free the slot once the job has exited
@@ -156,12 +158,14 @@ class LogShipper:
             try:
                 self._ship_log(rec, log_file, final=exited)
             except RequestRejected as exc:
-                log.error("gateway refused log chunks of job %s (%s); its state is still reported", rec.job_id, exc)
+                log.error("gateway refused log chunks of job %s (%s); its state is still reported", rec.job_id, exc,
+                          extra=job_fields(rec.lease))
                 self._logs_refused.add(rec.job_id)
         if exited and exit_code == EXIT_DUPLICATE:
             # The task instance already runs elsewhere (duplicate delivery): a failure report would
             # make the scheduler kill that healthy run. Report nothing; the lease lapses on its own.
-            log.warning("job %s: task instance already running elsewhere; not reporting it", rec.job_id)
+            log.warning("job %s: task instance already running elsewhere; not reporting it", rec.job_id,
+                        extra=job_fields(rec.lease))
             a.job_done(rec)
             return
         if exited and reason and not rec.reason_logged and hosted_logs:
@@ -173,9 +177,11 @@ class LogShipper:
             try:
                 a.api.report_state(rec.job_id, report)
             except RequestRejected as exc:
-                log.error("gateway refused the final report of job %s: %s; giving the slot back", rec.job_id, exc)
+                log.error("gateway refused the final report of job %s: %s; giving the slot back", rec.job_id, exc,
+                          extra=job_fields(rec.lease))
             else:
-                log.info("job %s reported %s%s", rec.job_id, state.value, " (from the spool)" if rec.replayed else "")
+                log.info("job %s reported %s%s", rec.job_id, state.value, " (from the spool)" if rec.replayed else "",
+                         extra=job_fields(rec.lease))
                 a.status.gateway(True)
             self._logs_refused.discard(rec.job_id)
             a.job_done(rec)
@@ -186,9 +192,10 @@ class LogShipper:
         try:
             a.api.report_state(rec.job_id, report)
         except RequestRejected as exc:
-            log.error("gateway refused the REFUSED report of job %s: %s; giving the slot back", rec.job_id, exc)
+            log.error("gateway refused the REFUSED report of job %s: %s; giving the slot back", rec.job_id, exc,
+                      extra=job_fields(rec.lease))
         else:
-            log.info("job %s reported refused", rec.job_id)
+            log.info("job %s reported refused", rec.job_id, extra=job_fields(rec.lease))
             a.status.gateway(True)
         a.job_done(rec)
 
@@ -208,7 +215,7 @@ class LogShipper:
         try:
             a.api.push_logs(rec.job_id, LogChunk(fencing=rec.lease.fencing, offset=rec.log_offset, data=line))
         except (RequestRejected, LogGap) as exc:
-            log.warning("could not add the reason to the log of job %s: %s", rec.job_id, exc)
+            log.warning("could not add the reason to the log of job %s: %s", rec.job_id, exc, extra=job_fields(rec.lease))
         with a.cond:
             rec.reason_logged = True
         a.spool_save(rec)
@@ -231,7 +238,7 @@ class LogShipper:
                     # The gateway lost the tail of its copy (another gateway host, a cleaned log
                     # folder): send again from where its copy ends.
                     log.warning("job %s: gateway has %d bytes of the log, resending from there", rec.job_id,
-                                gap.size)
+                                gap.size, extra=job_fields(rec.lease))
                     with a.cond:
                         rec.log_offset = gap.size
                 else:

@@ -8,6 +8,7 @@ file and the Unix-socket forwarder are the real ones. Waits are on conditions, n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -462,6 +463,24 @@ def test_status_file_says_what_the_agent_is_doing(harness) -> None:
     h.rt.finish("j1", 0)
     h.agent.stop_gracefully("test")
     assert h.join() == {"code": 0}
+
+
+def test_every_log_line_about_a_job_carries_its_job_and_task_instance(harness, caplog) -> None:
+    # --log-format json turns these record attributes into fields; a line naming the job without
+    # them cannot be found by a log search on the task.
+    caplog.set_level(logging.DEBUG, logger="edge_agent")
+    h = harness().start()
+    h.gw.queue("jlog")
+    h.gw.wait_for(lambda: h.gw.states("jlog"), "the RUNNING report")
+    h.rt.finish("jlog", 0)
+    h.gw.wait_for(lambda: len(h.gw.states("jlog")) == 2, "the final report")
+    h.agent.stop_gracefully("test")
+    assert h.join() == {"code": 0}
+    about = [r for r in caplog.records if "jlog" in r.getMessage()]
+    assert {"leased", "started", "exited", "reported"} <= {w for r in about for w in r.getMessage().split()}
+    bare = [r.getMessage() for r in about if getattr(r, "task_id", None) != "task_jlog"
+            or getattr(r, "job_id", None) != "jlog" or getattr(r, "try_number", None) != 1]
+    assert bare == []
 
 
 def test_forwarder_relays_execution_calls_over_the_agent_client(harness) -> None:
