@@ -336,9 +336,11 @@ def _json_from_output(text: str, what: str) -> Any:
 class LocalStack:
     """A hosted side (api-server, scheduler, dag-processor, triggerer, gateway) plus agents, on loopback."""
 
-    def __init__(self, home: Path, dags: Path) -> None:
+    def __init__(self, home: Path, dags: Path, *, statsd_port: int | None = None) -> None:
         self.home = home.resolve()
         self.dags = dags.resolve()
+        #: When set, every hosted component sends Airflow's StatsD metrics to 127.0.0.1:<port>.
+        self.statsd_port = statsd_port
         self.airflow_home = self.home / "airflow"
         self.logs_dir = self.home / "logs"
         self.task_logs_dir = self.home / "task-logs"
@@ -432,8 +434,15 @@ class LocalStack:
     def _hosted_env(self) -> dict[str, str]:
         from cryptography.fernet import Fernet
 
+        metrics = {} if self.statsd_port is None else {
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(self.statsd_port),
+            "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
+        }
         return _clean_env(
             {
+                **metrics,
                 "AIRFLOW_HOME": str(self.airflow_home),
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

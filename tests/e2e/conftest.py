@@ -14,8 +14,10 @@ from the scheduler. The TI's ``executor`` field and our job table's ``agent_id``
 from __future__ import annotations
 
 import json
+import socket
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,10 +39,66 @@ RUN_TIMEOUT = 240.0
 LOG_TIMEOUT = 60.0
 
 
+class StatsdCollector:
+    """A UDP socket on loopback keeping every StatsD line the hosted components send."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.port = int(self.sock.getsockname()[1])
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._read, name="statsd-collector", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.closed:
+            try:
+                packet = self.sock.recv(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.cond:
+                self.lines += packet.decode("utf-8", "replace").splitlines()
+                self.cond.notify_all()
+
+    def mark(self) -> int:
+        with self.cond:
+            return len(self.lines)
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float, since: int = 0) -> list[str]:
+        """The lines received after ``since`` once ``predicate`` holds for them (fails after ``timeout``)."""
+        with self.cond:
+            ok = self.cond.wait_for(lambda: predicate(self.lines[since:]), timeout)
+            lines = self.lines[since:]
+        if not ok:
+            ours = [line for line in lines if ".edge_agent." in line]
+            pytest.fail(f"StatsD: condition not met within {timeout:.0f} s; {len(lines)} lines received, "
+                        f"ours: {ours[-40:]}", pytrace=False)
+        return lines
+
+    def close(self) -> None:
+        self.closed = True
+        self.thread.join(5)
+        self.sock.close()
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def statsd() -> Iterator[StatsdCollector]:
+    collector = StatsdCollector()
+    try:
+        yield collector
+    finally:
+        collector.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, statsd: StatsdCollector) -> Iterator[LocalStack]:
     home = tmp_path_factory.mktemp("stack")
-    local = LocalStack(home, E2E_DAGS)
+    local = LocalStack(home, E2E_DAGS, statsd_port=statsd.port)
     try:
         local.start()
     except StackError as exc:
