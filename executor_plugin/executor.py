@@ -49,8 +49,13 @@ if TYPE_CHECKING:
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.taskinstancehistory import TaskInstanceHistory
 
-#: How often queued jobs are checked against their task instances (one indexed query each time).
+#: How often queued jobs are checked against their task instances (one indexed query each time),
+#: and running keys against open jobs.
 RECONCILE_EVERY_SECONDS = 10.0
+#: How often lapsed leases and the leases of offline agents are looked for. Each look is an UPDATE
+#: that mostly matches nothing (on SQLite it takes the write lock); a busy scheduler syncs many
+#: times a second, and a second is nothing next to a lease TTL or the dead-agent window.
+LIVENESS_EVERY_SECONDS = 1.0
 #: Reported terminal jobs stay this long (for ``airflow edge-agents list`` and debugging) before purge.
 PURGE_AFTER = timedelta(hours=1)
 #: Refusals by agents keep a task instance (and its retries) away from the refusing agent this long.
@@ -110,6 +115,7 @@ class EdgeAgentExecutor(BaseExecutor):
         super().__init__(*args, **kwargs)
         self._next_purge = 0.0  # monotonic time of the next purge; 0 = at the first sync
         self._next_reconcile = 0.0  # same, for cancelling jobs of TIs settled by hand
+        self._next_liveness = 0.0  # same, for requeueing lapsed leases and those of offline agents
         self._failed_syncs = 0  # consecutive; the traceback is logged once per outage, not per heartbeat
         self._queue_metrics: QueueMetrics | None = None
         self._agent_dead_after: timedelta | None = None  # [edge_agent] agent_dead_after_seconds, read once
@@ -221,19 +227,21 @@ class EdgeAgentExecutor(BaseExecutor):
             self._failed_syncs = 0
 
     def _sync(self, session: Session) -> None:
-        self._requeue_jobs_of_offline_agents(session)
-        requeued = store.requeue_expired_leases(session)
-        if requeued:
-            self.log.warning("Requeued %d job(s) whose agent did not start them before the lease lapsed", requeued)
+        now = time.monotonic()
+        if now >= self._next_liveness:
+            self._next_liveness = now + LIVENESS_EVERY_SECONDS
+            self._requeue_jobs_of_offline_agents(session)
+            requeued = store.requeue_expired_leases(session)
+            if requeued:
+                self.log.warning("Requeued %d job(s) whose agent did not start them before the lease lapsed", requeued)
         mine, unclaimed = [], []
         for job in store.pending_events(session):
             (mine if self._holds(job_key(job)) else unclaimed).append(job)
-        self._forget_keys_without_jobs(session, finished={job_key(job) for job in mine})
+        finished = {job_key(job) for job in mine}
         for job in mine:
             self._emit(job)
             store.mark_reported(session, job.id, job.state)
         self._drop_old_unclaimed(session, unclaimed)
-        now = time.monotonic()
         if now >= self._next_reconcile:
             self._next_reconcile = now + RECONCILE_EVERY_SECONDS
             cancelled = store.cancel_queued_jobs_of_settled_tis(session)
@@ -241,6 +249,8 @@ class EdgeAgentExecutor(BaseExecutor):
                 self.log.info("Cancelled %d queued job(s) whose task instance was settled elsewhere", cancelled)
             for closed in store.close_running_jobs_of_offline_agents(session, dead_after=self.agent_dead_after):
                 self.log.info("Closed running job %s of %s: %s", closed.job.id, job_key(closed.job), closed.job.reason)
+            # After the closes above, so a closed job's slot is free in this same sync.
+            self._forget_keys_without_jobs(session, finished=finished)
         if now >= self._next_purge:
             self._next_purge = now + PURGE_EVERY_SECONDS
             purged = store.purge_reported(session, older_than=store.utcnow() - PURGE_AFTER)

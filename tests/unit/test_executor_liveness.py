@@ -139,6 +139,36 @@ def test_sync_requeues_the_leased_jobs_of_a_dead_agent_at_once(executor, session
     assert beat(session, agent, running=[(held.id, held.fencing)]) == [held.id]
 
 
+def test_busy_syncs_look_for_dead_agents_once_a_second_and_for_events_every_time(executor, session, monkeypatch):
+    # A busy scheduler syncs many times a second; the liveness UPDATEs are not needed that often.
+    calls = {"expired": 0, "offline": 0, "events": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(store, "requeue_expired_leases", counting("expired", store.requeue_expired_leases))
+    monkeypatch.setattr(store, "requeue_leased_of_offline_agents",
+                        counting("offline", store.requeue_leased_of_offline_agents))
+    monkeypatch.setattr(store, "pending_events", counting("events", store.pending_events))
+    for _ in range(5):
+        executor.sync()
+    assert calls == {"expired": 1, "offline": 1, "events": 5}
+
+    workload = make_workload()
+    queue(executor, session, workload)
+    agent = make_agent(session)
+    beat(session, agent, at=ago(50))
+    lease(session, agent, now=ago(45))
+    executor._next_liveness = 0.0  # a second later
+    executor.sync()
+    assert calls == {"expired": 2, "offline": 2, "events": 6}
+    [r] = jobs(session)
+    assert (r["state"], r["agent_id"]) == (JobStatus.QUEUED, None)  # the dead agent's lease came back
+
+
 def test_sync_closes_a_dead_agents_running_job_once_airflow_failed_its_ti(executor, session):
     workload = make_workload()
     queue(executor, session, workload)
