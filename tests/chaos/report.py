@@ -128,8 +128,9 @@ def render(results: list[dict[str, Any]]) -> str:
         (
             "*Tries run*: tries whose code started (the DAG's own ledger). *Failed tries (allowed)*: tries "
             "Airflow failed, and how many the fault could fail (the tries it caught on the hurt agent); "
-            "a task whose try failed must succeed on a retry. *Duplicates*: tries started twice by the ledger or by the "
-            "agents' audit logs. *Reports lost*: job rows left open, or closed in a state Airflow disagrees "
+            "a task whose try failed must succeed on a retry. *Duplicates*: tries run twice by the ledger, or with "
+            "two `run` entries in the agents' audit logs (Airflow accepted the try's `/run` from that agent). "
+            "*Reports lost*: job rows left open, or closed in a state Airflow disagrees "
             "with, or agent reports for jobs without a row."
         ),
     ]
