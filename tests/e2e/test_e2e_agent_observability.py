@@ -9,6 +9,7 @@ covered in tests/unit/test_agent.py; here the point is the real process, port an
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -67,6 +68,22 @@ def test_health_ready_metrics_and_json_logs_of_a_real_agent(stack: LocalStack) -
         expiry = next(float(line.split()[1]) for line in metrics.splitlines()
                       if line.startswith("edge_agent_cert_expiry_seconds "))
         assert expiry > 0
+
+        # The live view of the same agent, as an operator would run it: redrawn until Ctrl-C.
+        watch = subprocess.Popen(
+            [str(_BIN / "edge-agent"), "status", "--state-dir", str(agent.state_dir), "--watch", "--interval", "1"],
+            env=agent.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=stack.home,
+        )
+        try:
+            time.sleep(3)  # a few refreshes
+            watch.send_signal(signal.SIGINT)
+            out, err = watch.communicate(timeout=60)
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait()
+        assert watch.returncode == 0, f"status --watch exited {watch.returncode}: {err[-2000:]}"
+        assert agent.agent_id in out and "3 free of 3" in out and "Ctrl-C to leave" in out, out[-3000:]
 
         _airflow(stack, "drain", agent.agent_id)
         reason = _wait("/readyz 503 after a server drain",
