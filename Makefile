@@ -45,7 +45,7 @@ test-chaos: install
 	bash scripts/install-test-deps.sh
 	$(PY) -m pytest -ra tests/chaos $(ARGS); status=$$?; $(PY) tests/chaos/report.py; exit $$status
 
-# The issue-5 benchmark (about 30 min on 2 cores; ARGS=--quick for ~5 min), not part of make test.
+# The issue-5 benchmark (15-30 min on 2 cores; ARGS=--quick for ~5 min), not part of make test.
 # Airflow's edge3 provider is installed only into this separate environment, never into .venv.
 BENCH_VENV  := build/bench-venv
 BENCH_PY    := $(BENCH_VENV)/bin/python
