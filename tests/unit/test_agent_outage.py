@@ -82,7 +82,14 @@ def spool_records(state_dir: Path) -> dict[str, dict]:
     folder = state_dir / SPOOL_DIR
     if not folder.exists():
         return {}
-    return {f.name: json.loads(f.read_text()) for f in folder.iterdir() if f.name.endswith(".json")}
+    records = {}
+    for f in folder.iterdir():
+        if f.name.endswith(".json"):
+            try:
+                records[f.name] = json.loads(f.read_text())
+            except FileNotFoundError:
+                continue  # the running agent deleted it between the listing and the read
+    return records
 
 
 def spooled(state_dir: Path, job_id: str) -> dict | None:
