@@ -235,6 +235,25 @@ class Chaos:
             return MISSING
         return row.get("online") is False or row.get("status") in ("offline", "draining (offline)")
 
+    def watch_dead_agent(
+        self, agent: str, agent_id: str, leased: dict[str, int], *, t0: float, timeout: float, every: float
+    ) -> Callable[[], None]:
+        """Watch the hosted side notice a dead agent: shown offline by the CLI (polled ``every`` s),
+        its ``leased`` jobs requeued. Returns the call that records both (``detection_s``, ``requeue_s``)."""
+        detect = self.watch(f"agent {agent} offline in 'airflow edge-agents list'",
+                            lambda: self.offline_in_list(agent_id), every=every, t0=t0, timeout=timeout)
+        requeue = (
+            self.watch(f"agent {agent}'s leased jobs requeued", lambda: self.requeued(leased), t0=t0, timeout=timeout)
+            if leased else None
+        )
+
+        def record() -> None:
+            self.record_detection("detection_s", detect, timeout)
+            if requeue is not None:
+                self.record("requeue_s", requeue, timeout)
+
+        return record
+
     def record_detection(self, name: str, sw: Stopwatch, timeout: float) -> float | None:
         seconds = self.record(name, sw, timeout)
         if sw.value == MISSING:

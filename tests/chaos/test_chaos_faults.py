@@ -135,14 +135,7 @@ def test_agent_kill(chaos: Chaos) -> None:
     chaos.figures.update(
         in_flight_on_a=len(running), started_at_fault=len(killed), leased_at_fault=len(leased)
     )
-    detect = chaos.watch(
-        "agent A offline in 'airflow edge-agents list'", lambda: chaos.offline_in_list(agent.agent_id),
-        every=CLI_PAUSE, t0=t_kill, timeout=DETECT_WATCH,
-    )
-    requeue = (
-        chaos.watch("agent A's leased jobs requeued", lambda: chaos.requeued(leased), t0=t_kill, timeout=DETECT_WATCH)
-        if leased else None
-    )
+    record_dead = chaos.watch_dead_agent("A", agent.agent_id, leased, t0=t_kill, timeout=DETECT_WATCH, every=CLI_PAUSE)
     retried = (
         chaos.watch("Airflow retried agent A's killed tries", lambda: _retried(chaos, killed), t0=t_kill,
                     timeout=RETRY_WATCH)
@@ -151,9 +144,7 @@ def test_agent_kill(chaos: Chaos) -> None:
     if not stack.wait_group_gone(agent, 60):
         chaos.notes.append("agent A's zygote or tasks outlived it by 60 s (killed before the restart)")
 
-    chaos.record_detection("detection_s", detect, DETECT_WATCH)
-    if requeue is not None:
-        chaos.record("requeue_s", requeue, DETECT_WATCH)
+    record_dead()
     t_restart = time.monotonic()
     stack.restart_agent(AGENT_A)
     chaos.figures["restart_s"] = round(time.monotonic() - t_restart, 2)
@@ -188,19 +179,10 @@ def test_partition(chaos: Chaos) -> None:
         spool_max["bytes"] = max(spool_max["bytes"], int(spool.get("bytes") or 0))
         return (status.get("gateway") or {}).get("reachable") is False
 
-    detect = chaos.watch(
-        "agent A offline in 'airflow edge-agents list'", lambda: chaos.offline_in_list(agent.agent_id),
-        every=CLI_PAUSE, t0=t_cut, timeout=PARTITION,
-    )
+    record_dead = chaos.watch_dead_agent("A", agent.agent_id, leased, t0=t_cut, timeout=PARTITION, every=CLI_PAUSE)
     aware = chaos.watch("agent A's status shows the gateway unreachable", noticed, t0=t_cut, timeout=PARTITION)
-    requeue = (
-        chaos.watch("agent A's leased jobs requeued", lambda: chaos.requeued(leased), t0=t_cut, timeout=PARTITION)
-        if leased else None
-    )
-    chaos.record_detection("detection_s", detect, PARTITION)
+    record_dead()
     chaos.record("agent_noticed_s", aware, PARTITION)
-    if requeue is not None:
-        chaos.record("requeue_s", requeue, PARTITION)
     stack.pause(max(0.0, PARTITION - (time.monotonic() - t_cut)))
     noticed()
     chaos.figures["spool_max_jobs"] = spool_max["jobs"]
