@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from pkg_helpers import Lines, clean_env
 from sqlalchemy import select
 

@@ -6,30 +6,19 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, event
-from sqlalchemy.orm import sessionmaker
 
 from executor_plugin import store
 from executor_plugin.gateway import wait_probe
 from executor_plugin.gateway.wait_probe import HolderView, QueuedWork
-from executor_plugin.models import AgentStatus, metadata
+from executor_plugin.models import AgentStatus
 
 TTL = timedelta(seconds=60)
 
 
 @pytest.fixture
-def session(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path/'db.sqlite'}")
-
-    @event.listens_for(engine, "connect")
-    def _busy(conn, _):
-        conn.execute("PRAGMA busy_timeout=5000")
-
-    metadata.create_all(engine)
-    s = sessionmaker(bind=engine, expire_on_commit=False)()
-    yield s
-    s.close()
-    engine.dispose()
+def session(store_sessions):
+    with store_sessions() as s:
+        yield s
 
 
 def _job(session, queue, task, try_number=1):

@@ -6,24 +6,14 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, event
-from sqlalchemy.orm import sessionmaker
 
 from executor_plugin import store
-from executor_plugin.models import JobStatus, metadata
+from executor_plugin.models import JobStatus
 
 
 @pytest.fixture
-def session_factory(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path/'db.sqlite'}", connect_args={"check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _wal(conn, _):
-        conn.execute("PRAGMA busy_timeout=5000")
-
-    metadata.create_all(engine)
-    yield sessionmaker(bind=engine, expire_on_commit=False)
-    engine.dispose()
+def session_factory(store_sessions):
+    return store_sessions
 
 
 def _job(session, queue="default", try_number=1, task="t", priority=1):

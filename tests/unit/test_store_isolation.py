@@ -7,28 +7,18 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, event, select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import select
 
 from executor_plugin import store
-from executor_plugin.models import AgentStatus, JobStatus, job_refusal_table, metadata
+from executor_plugin.models import AgentStatus, JobStatus, job_refusal_table
 
 TTL = timedelta(seconds=60)
 
 
 @pytest.fixture
-def s(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-
-    @event.listens_for(engine, "connect")
-    def _busy(conn, _):
-        conn.execute("PRAGMA busy_timeout=5000")
-
-    metadata.create_all(engine)
-    session = sessionmaker(bind=engine, expire_on_commit=False)()
-    yield session
-    session.close()
-    engine.dispose()
+def s(store_sessions):
+    with store_sessions() as session:
+        yield session
 
 
 def job(s, queue="default", task="t", try_number=1, ti_id="00000000-0000-0000-0000-000000000001"):
