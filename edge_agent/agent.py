@@ -68,7 +68,9 @@ CANCEL_REPORT_MARGIN = 5.0
 #: service manager's stop timeout (drain grace + cancel grace + this must fit in TimeoutStopSec).
 TEARDOWN_JOIN_SECONDS = 5.0
 
+# The forwarder's callable types, restated so importing this module does not load the forwarder.
 SendFn = Callable[[str, str, dict, bytes], "tuple[int, dict, bytes]"]
+AfterReplyFn = Callable[[str, str, int], None]
 
 
 class RuntimeLike(Protocol):
@@ -295,10 +297,10 @@ def default_runtime_factory(
     return Runtime(settings, on_started=on_started, on_exited=on_exited, stop_timeout=config.cancel_grace + 15.0)
 
 
-def default_forwarder_factory(socket_path: Path, send: SendFn) -> ForwarderLike:
+def default_forwarder_factory(socket_path: Path, send: SendFn, after_reply: AfterReplyFn) -> ForwarderLike:
     from edge_agent.forwarder import Forwarder
 
-    return Forwarder(socket_path, send)
+    return Forwarder(socket_path, send, after_reply=after_reply)
 
 
 class Agent:
@@ -309,7 +311,7 @@ class Agent:
         api_factory: Callable[[], Any],
         *,
         runtime_factory: Callable[..., RuntimeLike] = default_runtime_factory,
-        forwarder_factory: Callable[[Path, SendFn], ForwarderLike] = default_forwarder_factory,
+        forwarder_factory: Callable[[Path, SendFn, AfterReplyFn], ForwarderLike] = default_forwarder_factory,
         policy: Policy | None = None,
         keystore: Keystore | None = None,
         client_factory: Callable[[StoredIdentity], Any] | None = None,
@@ -431,14 +433,12 @@ class Agent:
             log.error("job %s started but its start could not be recorded: %s", job_id, exc, extra=job_fields(rec.lease))
         self.publish()
 
-    def _relay(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-        """The forwarder's upstream call; records in the audit log when Airflow accepts a try's ``/run``."""
-        status, out, content = self.api.execution_request(method, path, headers, body)
+    def _after_relay(self, method: str, path: str, status: int) -> None:
+        """After the forwarder sent a task its reply: an accepted ``/run`` goes to the audit log."""
         if method == "PATCH" and 200 <= status < 300:
             match = RUN_PATH.fullmatch(path)
             if match is not None:
                 self._on_run(match.group(1))
-        return status, out, content
 
     def _on_run(self, ti_id: str) -> None:
         """Airflow moved the try to running for this agent: from here on the task code runs.
@@ -683,7 +683,7 @@ class Agent:
                 tmp_dir = tempfile.mkdtemp(prefix="edge-agent-")  # 0700
                 sock_dir = Path(tmp_dir)
             self.socket_path = sock_dir / "forwarder.sock"
-            forwarder = self._forwarder_factory(self.socket_path, self._relay)
+            forwarder = self._forwarder_factory(self.socket_path, self.api.execution_request, self._after_relay)
             self._start_forwarder(forwarder)
 
             self.status.activity("agent", "starting the task runtime")

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: ``send(method, path, headers, body) -> (status, headers, body)``; ``path`` keeps the query string.
 SendFn = Callable[[str, str, dict[str, str], bytes], tuple[int, dict[str, str], bytes]]
+#: ``after_reply(method, path, status)``: called once the upstream's reply is on its way to the
+#: task, on the connection's thread, so what it does (the agent's audit write) adds nothing to the
+#: task's wait. An exception in it is logged and the connection goes on.
+AfterReplyFn = Callable[[str, str, int], None]
 
 #: Request headers relayed upstream (lower case). Everything else is dropped.
 REQUEST_HEADERS = frozenset({"authorization", "airflow-api-version", "content-type", "accept", "correlation-id"})
@@ -61,8 +65,9 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # make stop() wait for the upstream timeout.
     block_on_close = False
 
-    def __init__(self, path: str, send: SendFn, max_body_bytes: int) -> None:
+    def __init__(self, path: str, send: SendFn, max_body_bytes: int, after_reply: AfterReplyFn | None) -> None:
         self.send = send
+        self.after_reply = after_reply
         self.max_body_bytes = max_body_bytes
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
@@ -130,6 +135,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         picked = {k.lower(): v for k, v in resp_headers.items() if k.lower() in RESPONSE_HEADERS}
         self._reply(status, picked, resp_body)
+        if self.server.after_reply is not None:
+            try:
+                self.server.after_reply(self.command, self.path, status)
+            except Exception:
+                log.exception("forwarder: after-reply hook failed for %s %s", self.command, self.path[:200])
 
     def _read_body(self) -> bytes | None:
         """The request body, or ``None`` after replying with an error (connection then closed)."""
@@ -182,9 +192,17 @@ class Forwarder:
     socket, drops live connections and removes the socket file.
     """
 
-    def __init__(self, socket_path: Path, send: SendFn, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        send: SendFn,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        after_reply: AfterReplyFn | None = None,
+    ) -> None:
         self.socket_path = Path(socket_path)
         self._send = send
+        self._after_reply = after_reply
         self._max_body_bytes = max_body_bytes
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -196,7 +214,7 @@ class Forwarder:
                 return
             self._prepare_path()
             try:
-                server = _Server(str(self.socket_path), self._send, self._max_body_bytes)
+                server = _Server(str(self.socket_path), self._send, self._max_body_bytes, self._after_reply)
             except OSError as exc:
                 raise ForwarderError(f"cannot bind forwarder socket {self.socket_path}: {exc}") from exc
             # The 0700 directory already keeps others out between bind() and chmod().
@@ -259,4 +277,4 @@ class Forwarder:
         raise ForwarderError(f"{self.socket_path} is in use by another process (is another agent running?)")
 
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "Forwarder", "ForwarderError", "REQUEST_HEADERS", "RESPONSE_HEADERS", "SendFn"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "AfterReplyFn", "Forwarder", "ForwarderError", "REQUEST_HEADERS", "RESPONSE_HEADERS", "SendFn"]

@@ -610,6 +610,9 @@ def test_the_audit_log_records_a_run_only_when_airflow_accepts_the_try(harness) 
         assert not [e for e in audit_entries(h) if e["event"] == "run"]
         # The workload names the try "J1"; Airflow's ids are UUIDs, compared without case.
         assert c.patch("/execution/task-instances/j1/run", json={}).status_code == 200
+        # Written after the reply (off the task's wait); the next request on this connection is
+        # served by the same forwarder thread, so it waits for the audit write to be done.
+        assert c.get("/execution/health").status_code == 200
     (run,) = [e for e in audit_entries(h) if e["event"] == "run"]
     assert run["job_id"] == "J1" and run["fencing"] == 1 and run["ti"]["task_id"] == "task_J1"
     h.rt.finish("J1", 0)

@@ -216,3 +216,25 @@ def test_stop_closes_idle_keepalive_connections(sock_path: Path, upstream: FakeU
     with pytest.raises(httpx.TransportError):
         client.get("health")
     client.close()
+
+
+def test_after_reply_sees_each_relayed_answer_once_it_is_sent(sock_path: Path, upstream: FakeUpstream) -> None:
+    seen: list[tuple[str, str, int]] = []
+    replied = threading.Event()
+
+    def after_reply(method: str, path: str, status: int) -> None:
+        # The task already has its answer: the client below got it before this returns.
+        assert replied.wait(10)
+        seen.append((method, path, status))
+        if path.endswith("/boom"):
+            raise RuntimeError("a broken hook must not break the connection")
+
+    with Forwarder(sock_path, upstream, after_reply=after_reply) as fwd, client_for(fwd.socket_path) as client:
+        upstream.reply = (409, {}, b"{}")
+        assert client.patch("task-instances/t1/run").status_code == 409
+        replied.set()
+        assert client.get("boom").status_code == 409  # same connection, served after the hook
+        assert client.get("health").status_code == 409  # ... and after the failing one
+        assert client.get("../agents/v1/lease").status_code == 403  # refused before upstream: no hook
+    assert seen == [("PATCH", "/execution/task-instances/t1/run", 409), ("GET", "/execution/boom", 409),
+                    ("GET", "/execution/health", 409)]
